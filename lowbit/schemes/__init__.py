@@ -1,0 +1,35 @@
+"""Quantization schemes (what grid) and the pure quantize/dequantize functions onto it."""
+
+from lowbit.schemes.args import (
+    PRESETS,
+    W2A16,
+    W2A16_SYM,
+    W3A16,
+    W3A16_ASYM,
+    W4A16,
+    W4A16_ASYM,
+    W8A16,
+    QuantizationArgs,
+    QuantizationScheme,
+    make_scheme,
+)
+from lowbit.schemes.grid import QuantizedWeight, dequantize, fit_qparams, quantize, quantize_with
+
+__all__ = [
+    "PRESETS",
+    "W2A16",
+    "W2A16_SYM",
+    "W3A16",
+    "W3A16_ASYM",
+    "W4A16",
+    "W4A16_ASYM",
+    "W8A16",
+    "QuantizationArgs",
+    "QuantizationScheme",
+    "QuantizedWeight",
+    "dequantize",
+    "fit_qparams",
+    "make_scheme",
+    "quantize",
+    "quantize_with",
+]

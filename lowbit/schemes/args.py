@@ -1,0 +1,148 @@
+"""Quantization schemes, named with the vocabulary of compressed-tensors' ``QuantizationArgs``.
+
+A scheme is data: it says *what* grid a weight lands on, never *how* the rounding was chosen
+(that is an algorithm's job, see :mod:`lowbit.algorithms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from lowbit.errors import LowbitError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+STRATEGIES = ("channel", "group")
+ACTORDERS = (None, "weight")
+
+
+@dataclass(frozen=True)
+class QuantizationArgs:
+    """How one tensor is quantized (field names follow compressed-tensors).
+
+    ``strategy="channel"``: one scale per output row. ``strategy="group"``: one scale per
+    ``group_size`` consecutive input columns of each row. ``actorder="weight"`` lets GPTQ visit
+    columns by decreasing Hessian diagonal while the groups stay the contiguous ones of the
+    original order (static groups), so the checkpoint needs no ``g_idx``.
+    """
+
+    num_bits: int = 4
+    type: str = "int"
+    symmetric: bool = True
+    strategy: str = "group"
+    group_size: Optional[int] = 128
+    actorder: Optional[str] = None
+    dynamic: bool = False
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.type != "int":
+            raise LowbitError(f"weight type {self.type!r} is not supported yet; use 'int'")
+        if self.num_bits not in SUPPORTED_BITS:
+            raise LowbitError(
+                f"{self.num_bits}-bit weights are not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise LowbitError(f"strategy {self.strategy!r} is not supported; choose 'channel' or 'group'")
+        if self.strategy == "group":
+            if self.group_size is None or int(self.group_size) < 1:
+                raise LowbitError(f"group size must be a positive integer, got {self.group_size!r}")
+        elif self.group_size is not None:
+            object.__setattr__(self, "group_size", None)
+        if self.actorder not in ACTORDERS:
+            raise LowbitError(
+                f"actorder {self.actorder!r} is not supported; use 'weight' (static groups, no g_idx) or none"
+                " (compressed-tensors no longer loads the g_idx layout of actorder='group')"
+            )
+
+    @property
+    def q_min(self) -> int:
+        return -(1 << (self.num_bits - 1))
+
+    @property
+    def q_max(self) -> int:
+        return (1 << (self.num_bits - 1)) - 1
+
+    def group_size_for(self, in_features: int) -> int:
+        """Columns per scale for a layer of this input width (``in_features`` for per-channel)."""
+        return in_features if self.strategy == "channel" else int(self.group_size)
+
+    def with_group_size(self, group_size: Optional[int]) -> "QuantizationArgs":
+        if group_size is None:
+            return replace(self, strategy="channel", group_size=None)
+        return replace(self, strategy="group", group_size=group_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        grid = "sym" if self.symmetric else "asym"
+        where = "per-channel" if self.strategy == "channel" else f"g{self.group_size}"
+        order = ", act-order" if self.actorder else ""
+        return f"int{self.num_bits} {grid} {where}{order}"
+
+
+@dataclass(frozen=True)
+class QuantizationScheme:
+    """Which modules get which arguments (compressed-tensors' ``QuantizationScheme``)."""
+
+    weights: QuantizationArgs
+    targets: tuple = ("Linear",)
+    input_activations: Optional[QuantizationArgs] = None
+    output_activations: Optional[QuantizationArgs] = None
+    ignore: tuple = field(default=("lm_head",))
+
+    @property
+    def format(self) -> str:
+        """The compressed-tensors storage format for these weights."""
+        return "int-quantized" if self.weights.num_bits == 8 else "pack-quantized"
+
+    def describe(self) -> str:
+        return f"W{self.weights.num_bits}A16 ({self.weights.describe()})"
+
+
+def _preset(num_bits: int, symmetric: bool, default_group: Optional[int]):
+    def make(group_size: Optional[int] = default_group, actorder: Optional[str] = None) -> QuantizationScheme:
+        strategy = "channel" if group_size is None else "group"
+        return QuantizationScheme(
+            weights=QuantizationArgs(
+                num_bits=num_bits, symmetric=symmetric, strategy=strategy, group_size=group_size, actorder=actorder
+            )
+        )
+
+    return make
+
+
+W8A16 = _preset(8, True, None)
+W4A16 = _preset(4, True, 128)
+W4A16_ASYM = _preset(4, False, 128)
+W3A16 = _preset(3, True, 128)
+W3A16_ASYM = _preset(3, False, 128)
+W2A16 = _preset(2, False, 32)
+W2A16_SYM = _preset(2, True, 32)
+
+PRESETS = {
+    "W8A16": W8A16,
+    "W4A16": W4A16,
+    "W4A16_ASYM": W4A16_ASYM,
+    "W3A16": W3A16,
+    "W3A16_ASYM": W3A16_ASYM,
+    "W2A16": W2A16,
+    "W2A16_SYM": W2A16_SYM,
+}
+
+
+def make_scheme(
+    bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True, actorder: Optional[str] = None
+) -> QuantizationScheme:
+    """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel)."""
+    group_size = group_size or None
+    return QuantizationScheme(
+        weights=QuantizationArgs(
+            num_bits=bits,
+            symmetric=symmetric,
+            strategy="group" if group_size else "channel",
+            group_size=group_size,
+            actorder=actorder,
+        )
+    )

@@ -1,0 +1,132 @@
+"""Pure quantize/dequantize functions onto the integer grid of a :class:`QuantizationArgs`.
+
+Convention (the one compressed-tensors stores): signed integers ``q`` in ``[q_min, q_max]``,
+a float ``scale`` and an integer ``zero_point`` per group, and
+
+    w ≈ ŵ = (q - zero_point) · scale            q = clamp(round(w / scale) + zero_point)
+
+Symmetric grids have ``zero_point = 0`` and ``scale = max|w| / ((q_max - q_min) / 2)``;
+asymmetric grids stretch ``[min(w, 0), max(w, 0)]`` over all ``2^b`` levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowbit.schemes.args import QuantizationArgs
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight on a grid: ``q`` int8 [out, in], ``scale`` [out, groups], ``zero_point`` int8 [out, groups] or None."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    args: QuantizationArgs
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.args.group_size_for(self.q.shape[1])
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+
+def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.dtype] = None):
+    """Min-max scale and zero point of each row of ``w`` [rows, cols] → (scale [rows], zero_point [rows] | None).
+
+    ``dtype`` is the storage dtype of the scale; rounding uses the stored value so that what is
+    saved reproduces exactly what was computed.
+    """
+    dtype = dtype or w.dtype
+    w = w.float()
+    levels = args.q_max - args.q_min
+    if args.symmetric:
+        absmax = w.abs().amax(dim=1)
+        scale = (absmax / (levels / 2)).to(dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale.to(dtype), None
+    w_min = w.amin(dim=1).clamp(max=0)
+    w_max = w.amax(dim=1).clamp(min=0)
+    scale = ((w_max - w_min) / levels).to(dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(args.q_min - w_min / scale), args.q_min, args.q_max)
+    return scale.to(dtype), zero_point.to(torch.int8)
+
+
+def quantize_with(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], args: QuantizationArgs
+) -> torch.Tensor:
+    """Round ``w`` [rows, cols] onto the grid given per-row ``scale``/``zero_point`` [rows] → int8 q [rows, cols]."""
+    z = 0.0 if zero_point is None else zero_point.float()[:, None]
+    q = torch.round(w.float() / scale.float()[:, None]) + z
+    return q.clamp_(args.q_min, args.q_max).to(torch.int8)
+
+
+def dequantize_with(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """ŵ = (q - z) · s for per-row ``scale``/``zero_point`` [rows] and q [rows, cols]."""
+    qf = q.float()
+    if zero_point is not None:
+        qf = qf - zero_point.float()[:, None]
+    return (qf * scale.float()[:, None]).to(dtype)
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [rows, cols] as [rows · groups, group_size] (``group_size`` divides ``cols``)."""
+    rows, cols = w.shape
+    return w.reshape(rows * (cols // group_size), group_size)
+
+
+def quantize(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight [out, in] with min-max group scales."""
+    rows, cols = w.shape
+    g = args.group_size_for(cols)
+    if cols % g:
+        raise ValueError(f"group size {g} does not divide {cols} columns; resolve the group size per layer first")
+    wg = _groups(w, g)
+    scale, zero_point = fit_qparams(wg, args, dtype)
+    q = quantize_with(wg, scale, zero_point, args).reshape(rows, cols)
+    n = cols // g
+    return QuantizedWeight(
+        q=q,
+        scale=scale.reshape(rows, n),
+        zero_point=None if zero_point is None else zero_point.reshape(rows, n),
+        args=args,
+    )
+
+
+def dequantize(qw: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """ŵ = (q - z) · s with each group's scale broadcast over its ``group_size`` columns."""
+    dtype = dtype or qw.scale.dtype
+    rows, cols = qw.q.shape
+    g = qw.group_size
+    z = None if qw.zero_point is None else qw.zero_point.reshape(-1)
+    w = dequantize_with(_groups(qw.q, g), qw.scale.reshape(-1), z, dtype)
+    return w.reshape(rows, cols)
+
+
+def resolve_group_size(args: QuantizationArgs, in_features: int) -> QuantizationArgs:
+    """Arguments that fit a layer of width ``in_features``.
+
+    compressed-tensors (and every consumer of it) requires the group size to divide the input
+    width. When it does not, the layer falls back to the largest power-of-two group size below
+    the requested one that divides it (per-channel if none does); callers report the change.
+    """
+    if args.strategy == "channel" or in_features % args.group_size == 0:
+        return args
+    g = 1 << (int(args.group_size).bit_length() - 1)
+    while g >= 8:
+        if in_features % g == 0 and g < args.group_size:
+            return args.with_group_size(g)
+        g //= 2
+    return args.with_group_size(None)
