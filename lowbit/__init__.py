@@ -1,0 +1,32 @@
+"""lowbit: low-bit quantization for Hugging Face causal LMs — compress, save, measure, run."""
+
+__version__ = "0.1.0"
+
+from lowbit.api import evaluate, quantize  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.schemes import (  # noqa: E402
+    W2A16,
+    W2A16_SYM,
+    W3A16,
+    W3A16_ASYM,
+    W4A16,
+    W4A16_ASYM,
+    W8A16,
+    QuantizationArgs,
+    QuantizationScheme,
+)
+
+__all__ = [
+    "LowbitError",
+    "QuantizationArgs",
+    "QuantizationScheme",
+    "W2A16",
+    "W2A16_SYM",
+    "W3A16",
+    "W3A16_ASYM",
+    "W4A16",
+    "W4A16_ASYM",
+    "W8A16",
+    "evaluate",
+    "quantize",
+]

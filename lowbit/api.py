@@ -1,0 +1,191 @@
+"""The one-call Python API: ``quantize`` a model into a checkpoint, ``evaluate`` a model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+import lowbit
+from lowbit.algorithms import get_method
+from lowbit.calibration.sampling import calibration_windows
+from lowbit.calibration.sequential import QuantizationReport, quantize_blocks
+from lowbit.data.corpora import calibration_text, evaluation_text
+from lowbit.evaluation.footprint import bits_per_weight, folder_size, peak_rss_bytes
+from lowbit.evaluation.perplexity import perplexity
+from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
+from lowbit.formats.compressed_tensors import read_record, save_quantized
+from lowbit.models.architectures import decoder_blocks
+from lowbit.models.loader import load_model
+from lowbit.progress import progress_bar
+from lowbit.schemes.args import QuantizationScheme, make_scheme
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` did: where it wrote, how long it took, what it cost."""
+
+    output_dir: Optional[str]
+    method: str
+    scheme: str
+    bits_per_weight: float
+    size_bytes: Optional[int]
+    wall_time_s: float
+    peak_rss_bytes: int
+    layers: int
+    fallbacks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Perplexity and footprint of one model on one held-out text."""
+
+    model: str
+    quantized: bool
+    perplexity: Optional[float]
+    eval_tokens: Optional[int]
+    seqlen: int
+    corpus: Optional[str]
+    bits_per_weight: float
+    size_bytes: Optional[int]
+    parameters: int
+    load_time_s: float
+    eval_time_s: float
+    peak_rss_bytes: int
+    recipe: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantize(
+    model: str,
+    scheme: Optional[QuantizationScheme] = None,
+    method: str = "gptq",
+    calib: Optional[str] = "shakespeare",
+    output_dir: Union[str, Path, None] = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    overwrite: bool = False,
+    ignore: tuple = (),
+    seed: int = 0,
+    batch_size: int = 8,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    return_model: bool = False,
+):
+    """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint.
+
+    Example: ``lowbit.quantize("smollm2-135m", lowbit.W4A16(group_size=64), method="gptq",
+    calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
+    (and the quantized model too with ``return_model=True``).
+    """
+    start = time.perf_counter()
+    scheme = scheme or make_scheme()
+    algorithm = get_method(method)
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), overwrite)
+    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
+    decoder_blocks(hf_model)
+    calibration = None
+    calib_record = None
+    if algorithm.needs_calibration:
+        if not calib:
+            from lowbit.errors import LowbitError
+
+            raise LowbitError(f"method {algorithm.name} needs calibration text: pass --calib")
+        text = calibration_text(calib)
+        calibration = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
+        calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    with progress_bar(f"{algorithm.name} {scheme.describe()}", progress) as step:
+        report: QuantizationReport = quantize_blocks(
+            hf_model, scheme, algorithm, calibration, batch_size, tuple(ignore), on_block=step
+        )
+    quant_time = time.perf_counter() - start
+    fallbacks = sorted({f"{r.name.rsplit('.', 1)[-1]}: {r.fallback}" for r in report.fallbacks})
+    record = {
+        "lowbit_version": lowbit.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": model,
+        "method": algorithm.name,
+        "scheme": scheme.describe(),
+        "weights": scheme.weights.to_dict(),
+        "calibration": calib_record,
+        "ignored": list(ignore),
+        "group_size_fallbacks": fallbacks,
+        "quantization_wall_time_s": round(quant_time, 1),
+    }
+    size = None
+    if output_dir is not None:
+        with atomic_output_dir(Path(output_dir), overwrite) as staging:
+            save_quantized(hf_model, tokenizer, staging, record)
+        size = folder_size(Path(output_dir))
+    result = QuantizeResult(
+        output_dir=None if output_dir is None else str(output_dir),
+        method=algorithm.name,
+        scheme=scheme.describe(),
+        bits_per_weight=bits_per_weight(hf_model),
+        size_bytes=size,
+        wall_time_s=time.perf_counter() - start,
+        peak_rss_bytes=peak_rss_bytes(),
+        layers=len(report.layers),
+        fallbacks=fallbacks,
+    )
+    return (result, hf_model, tokenizer) if return_model else result
+
+
+def evaluate(
+    model: str,
+    ppl: Optional[str] = "austen",
+    seqlen: int = 512,
+    max_tokens: Optional[int] = None,
+    dtype: str = "float32",
+    batch_size: int = 4,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity on the held-out part of ``ppl`` plus size, bits/weight, peak memory and time."""
+    from lowbit.errors import LowbitError
+    from lowbit.models.embedded import EMBEDDED, embedded_folder
+
+    if dtype not in DTYPES:
+        raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if seqlen < 2:
+        raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
+    start = time.perf_counter()
+    hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
+    load_time = time.perf_counter() - start
+    path = embedded_folder(model) if model in EMBEDDED else source.path
+    result = None
+    if ppl:
+        text = evaluation_text(ppl)
+        with progress_bar(f"perplexity {text.corpus}", progress) as step:
+            result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step)
+    return EvalResult(
+        model=model,
+        quantized=source.quantized,
+        perplexity=None if result is None else result.perplexity,
+        eval_tokens=None if result is None else result.tokens,
+        seqlen=seqlen,
+        corpus=None if result is None else result.corpus,
+        bits_per_weight=bits_per_weight(hf_model),
+        size_bytes=None if path is None else folder_size(path),
+        parameters=sum(p.numel() for p in hf_model.parameters()) + sum(
+            m.weight_q.numel() for m in hf_model.modules() if hasattr(m, "weight_q")
+        ),
+        load_time_s=load_time,
+        eval_time_s=time.perf_counter() - start - load_time,
+        peak_rss_bytes=peak_rss_bytes(),
+        recipe=read_record(path) if path is not None and path.is_dir() else {},
+    )

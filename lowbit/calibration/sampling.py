@@ -1,0 +1,38 @@
+"""Calibration batches: random non-overlapping token windows from a corpus's calibration part."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.data.corpora import CalibrationText
+from lowbit.errors import LowbitError
+
+
+def calibration_windows(
+    text: CalibrationText, tokenizer, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens [nsamples, seqlen], drawn without overlap."""
+    if not isinstance(text, CalibrationText):
+        raise TypeError("calibration needs a CalibrationText (see lowbit.data.corpora.calibration_text)")
+    if nsamples < 1 or seqlen < 2:
+        raise LowbitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} × {seqlen})")
+    ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = ids.numel() // seqlen
+    if available < nsamples:
+        raise LowbitError(
+            f"calibration text {text.corpus} has {ids.numel():,} tokens, too short for {nsamples} samples of"
+            f" {seqlen} tokens ({nsamples * seqlen:,} needed); lower --nsamples/--seqlen or give more text"
+        )
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=g)[:nsamples]
+    windows = ids[: available * seqlen].reshape(available, seqlen)[chosen]
+    bos = tokenizer.bos_token_id
+    if bos is not None and _wants_bos(tokenizer):
+        windows[:, 0] = bos
+    return windows
+
+
+def _wants_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS at the start of a text (Llama-2, Gemma do; SmolLM2 does not)."""
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    return bool(probe) and probe[0] == tokenizer.bos_token_id

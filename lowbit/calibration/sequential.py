@@ -1,0 +1,193 @@
+"""Quantize a model's decoder blocks one at a time (sequential calibration).
+
+Block i is calibrated on the outputs of blocks 0..i−1 *after* they were quantized, so later
+blocks learn to absorb earlier error, and peak memory is the model plus one set of block
+activations [nsamples, seqlen, hidden] (inputs and outputs), never all blocks' at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from lowbit.algorithms import Method
+from lowbit.algorithms.gptq import HessianAccumulator
+from lowbit.errors import LowbitError
+from lowbit.models.architectures import decoder_blocks
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.schemes.args import QuantizationScheme
+from lowbit.schemes.grid import resolve_group_size
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple
+    scheme: str
+    loss: float
+    fallback: Optional[str] = None
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.fallback]
+
+
+def target_linears(block: nn.Module, prefix: str, ignore: tuple) -> dict[str, nn.Linear]:
+    """The block's Linear layers by full name, minus those matching an ``ignore`` entry (name or ``re:``)."""
+    import re
+
+    def ignored(name: str) -> bool:
+        return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in ignore)
+
+    return {
+        f"{prefix}.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear) and not ignored(f"{prefix}.{n}")
+    }
+
+
+def _check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise LowbitError(f"layer {name} has {bad} NaN/Inf weights; the checkpoint is damaged, refusing to quantize")
+
+
+def _quantize_linears(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    scheme: QuantizationScheme,
+    method: Method,
+    hessians: dict[str, torch.Tensor],
+    report: QuantizationReport,
+    prefix: str,
+) -> None:
+    for name, linear in linears.items():
+        W = linear.weight.data
+        _check_finite(name, W)
+        args = resolve_group_size(scheme.weights, linear.in_features)
+        fallback = None
+        if args != scheme.weights:
+            fallback = f"group size {scheme.weights.group_size} does not divide {linear.in_features}: {args.describe()}"
+        qw, loss = method.quantize(W, hessians.get(name), args)
+        qlinear = QuantLinear.from_quantized(qw, linear.bias)
+        parent, _, child = name[len(prefix) + 1 :].rpartition(".")
+        setattr(block.get_submodule(parent) if parent else block, child, qlinear)
+        report.layers.append(LayerReport(name, tuple(W.shape), args.describe(), loss, fallback))
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
+    """Hidden states entering block 0 for each batch, and the keyword arguments blocks get."""
+    inputs: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def hook(_module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kw.pop("hidden_states", None)
+        if not kwargs:
+            kwargs.update(kw)
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outputs = []
+    for x in inputs:
+        y = block(x, **kwargs)
+        outputs.append(y[0] if isinstance(y, tuple) else y)
+    return outputs
+
+
+def _collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs) -> dict[str, torch.Tensor]:
+    """H = 2/n Σ xxᵀ for each Linear's input; Linears fed the same tensor (q/k/v, gate/up) share one H."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # holds x so its id stays unique
+
+    def make_hook(name: str):
+        def hook(_module, args, _output):
+            x = args[0]
+            if name not in accumulators:
+                accumulators[name] = seen[id(x)][1] if id(x) in seen else HessianAccumulator(x.shape[-1])
+            acc = accumulators[name]
+            if id(x) not in seen:
+                seen[id(x)] = (x, acc)
+                acc.add(x)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for x in inputs:
+            seen.clear()
+            block(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: acc.H for name, acc in accumulators.items()}
+
+
+@torch.no_grad()
+def quantize_blocks(
+    model: nn.Module,
+    scheme: QuantizationScheme,
+    method: Method,
+    calibration: Optional[torch.Tensor] = None,
+    batch_size: int = 8,
+    ignore: tuple = (),
+    on_block: Optional[Callable[[int, int], None]] = None,
+) -> QuantizationReport:
+    """Replace every target Linear of every decoder block by a :class:`QuantLinear`, in place."""
+    prefix, blocks = decoder_blocks(model)
+    report = QuantizationReport()
+    inputs = kwargs = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise LowbitError(f"method {method.name} needs calibration text (--calib)")
+        batches = list(calibration.split(batch_size))
+        inputs, kwargs = _capture_block_inputs(model, blocks[0], batches)
+    for i, block in enumerate(blocks):
+        block_prefix = f"{prefix}.{i}"
+        linears = target_linears(block, block_prefix, ignore)
+        hessians = _collect_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
+        _quantize_linears(block, linears, scheme, method, hessians, report, block_prefix)
+        if inputs is not None:
+            inputs = _run_block(block, inputs, kwargs)
+        if on_block:
+            on_block(i + 1, len(blocks))
+    return report
+
+
+def effective_bits(model: nn.Module) -> float:
+    """Average stored bits per quantized weight (codes, scales, zero points) over all QuantLinears."""
+    bits = numel = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            n = m.weight_q.numel()
+            numel += n
+            bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8
+            if m.weight_zero_point is not None:
+                bits += m.weight_zero_point.numel() * m.args.num_bits
+    return bits / numel if numel else math.nan

@@ -1,0 +1,144 @@
+"""The ``lowbit`` command line: one command per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(
+    help="lowbit: make Hugging Face causal LMs small with low-bit quantization, and measure what it costs.\n\n"
+    "Models: a folder, a .gguf file, a hub id (org/name), or the embedded default 'smollm2-135m'.\n"
+    "Texts: austen, shakespeare (offline, packaged), wikitext2, c4 (hub), or a .txt/.jsonl file;"
+    " each has a calibration part and a held-out evaluation part.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
+    method: str = typer.Option("gptq", help="rtn (no data) or gptq (calibrated)"),
+    bits: int = typer.Option(4, help="weight bits: 2, 3, 4 or 8"),
+    group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
+    asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal"),
+    calib: str = typer.Option("shakespeare", help="calibration text (its calibration part is used)"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    ignore: List[str] = typer.Option([], help="also keep this Linear in full precision (name or re:regex)"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) checkpoints"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run model code from the hub"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Quantize a model's weights and save a compressed-tensors checkpoint."""
+    from lowbit import api
+    from lowbit.cli.report import emit_json, print_table, quantize_table
+    from lowbit.schemes import make_scheme
+
+    scheme = make_scheme(bits, group_size, symmetric=not asym, actorder="weight" if act_order else None)
+    _quiet_transformers()
+    result = api.quantize(
+        model,
+        scheme,
+        method=method,
+        calib=calib,
+        output_dir=output,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        overwrite=overwrite,
+        ignore=tuple(ignore),
+        seed=seed,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ).to_dict()
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(quantize_table(result))
+
+
+def _eval_in_subprocess(model: str, argv: list[str]) -> dict:
+    """Evaluate one model in its own process so that its peak memory is its own."""
+    cmd = [sys.executable, "-m", "lowbit.cli.main", "eval", model, *argv, "--json"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise typer.Exit(done.returncode)
+    return json.loads(done.stdout)[0]
+
+
+@app.command("eval")
+def evaluate(
+    models: List[str] = typer.Argument(..., help="one or more models; the first is the baseline for ratios"),
+    ppl: str = typer.Option("austen", help="text whose held-out evaluation part is scored"),
+    seqlen: int = typer.Option(512, help="tokens per window"),
+    max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens (default: all)"),
+    dtype: str = typer.Option("float32", help="compute dtype: float32, bfloat16, float16"),
+    batch_size: int = typer.Option(4, help="windows per forward pass"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) checkpoints"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run model code from the hub"),
+    as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
+):
+    """Perplexity on held-out text, size, bits per weight, peak memory and time."""
+    from lowbit import api
+    from lowbit.cli.report import emit_json, eval_table, print_table
+
+    _quiet_transformers()
+    if len(models) > 1:
+        argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
+        argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
+        argv += ["--allow-pickle"] if allow_pickle else []
+        argv += ["--trust-remote-code"] if trust_remote_code else []
+        results = [_eval_in_subprocess(m, argv) for m in models]
+    else:
+        results = [
+            api.evaluate(
+                models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code
+            ).to_dict()
+        ]
+    if as_json:
+        emit_json(results)
+    else:
+        print_table(eval_table(results))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    try:
+        app()
+    except LowbitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (set LOWBIT_DEBUG=1 for details)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

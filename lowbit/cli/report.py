@@ -1,0 +1,68 @@
+"""Tables for the terminal and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+
+def mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def gb(n) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def emit_json(payload) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def quantize_table(result: dict) -> Table:
+    table = Table(title="lowbit quantize", show_header=False)
+    rows = [
+        ("output", result["output_dir"] or "-"),
+        ("method", result["method"]),
+        ("scheme", result["scheme"]),
+        ("layers quantized", str(result["layers"])),
+        ("bits / weight (decoder linears)", f"{result['bits_per_weight']:.3f}"),
+        ("size on disk", mb(result["size_bytes"])),
+        ("wall time", f"{result['wall_time_s']:.1f} s"),
+        ("peak RSS", gb(result["peak_rss_bytes"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    for fallback in result["fallbacks"]:
+        table.add_row("group-size fallback", fallback)
+    return table
+
+
+def eval_table(results: Iterable[dict]) -> Table:
+    results = list(results)
+    base = next((r["perplexity"] for r in results if r["perplexity"] is not None), None)
+    table = Table(title=f"lowbit eval ({results[0]['corpus'] or 'no text'}, held-out, seqlen {results[0]['seqlen']})")
+    for column in ("model", "perplexity", "vs first", "bits/weight", "size", "tokens", "load s", "eval s", "peak RSS"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in results:
+        ppl = r["perplexity"]
+        table.add_row(
+            r["model"],
+            "-" if ppl is None else f"{ppl:.2f}",
+            "-" if ppl is None or not base else f"{ppl / base:.3f}x",
+            f"{r['bits_per_weight']:.2f}",
+            mb(r["size_bytes"]),
+            "-" if r["eval_tokens"] is None else f"{r['eval_tokens']:,}",
+            f"{r['load_time_s']:.1f}",
+            f"{r['eval_time_s']:.1f}",
+            gb(r["peak_rss_bytes"]),
+        )
+    return table
+
+
+def print_table(table: Table) -> None:
+    Console().print(table)

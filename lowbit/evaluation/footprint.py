@@ -1,0 +1,38 @@
+"""Size on disk, bits per weight and peak resident memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch.nn as nn
+
+from lowbit.calibration.sequential import effective_bits
+
+
+def folder_size(path: Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bits_per_weight(model: nn.Module) -> float:
+    """Stored bits per weight of the decoder Linears: quantized ones with their scales, the rest at their dtype."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    q = effective_bits(model)
+    quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
+    dense = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    dense_bits = sum(w.numel() * w.element_size() * 8 for w in dense)
+    dense_n = sum(w.numel() for w in dense)
+    total_n = quantized + dense_n
+    total_bits = (q * quantized if quantized else 0) + dense_bits
+    return total_bits / total_n if total_n else float("nan")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

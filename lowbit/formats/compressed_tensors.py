@@ -1,0 +1,227 @@
+"""The compressed-tensors checkpoint layout: save lowbit's quantized models and load them back.
+
+On disk (per quantized Linear ``name``):
+``name.weight_packed`` int32 [out, ⌈in·b/32⌉] (pack-quantized, b ≤ 4) or ``name.weight`` int8
+[out, in] (int-quantized, b = 8); ``name.weight_scale`` [out, groups]; for asymmetric grids
+``name.weight_zero_point`` (packed along dim 0 when pack-quantized); ``name.weight_shape``.
+config.json carries ``quantization_config`` with one config group per distinct scheme.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from lowbit.errors import LowbitError
+from lowbit.formats.packing import pack_int32, unpack_int32
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.schemes.args import QuantizationArgs
+
+WEIGHTS_FILE = "model.safetensors"
+RECORD_FILE = "lowbit_recipe.json"
+
+
+def _format(args: QuantizationArgs) -> str:
+    return "int-quantized" if args.num_bits == 8 else "pack-quantized"
+
+
+def _args_dict(args: QuantizationArgs) -> dict:
+    return {
+        "num_bits": args.num_bits,
+        "type": args.type,
+        "symmetric": args.symmetric,
+        "strategy": args.strategy,
+        "group_size": args.group_size,
+        "actorder": args.actorder,
+        "dynamic": args.dynamic,
+        "observer": args.observer,
+        "block_structure": None,
+        "observer_kwargs": {},
+    }
+
+
+def _args_from_dict(d: dict) -> QuantizationArgs:
+    try:
+        return QuantizationArgs(
+            num_bits=int(d["num_bits"]),
+            type=d.get("type", "int"),
+            symmetric=bool(d.get("symmetric", True)),
+            strategy=d.get("strategy") or ("group" if d.get("group_size") else "channel"),
+            group_size=d.get("group_size"),
+            actorder=d.get("actorder"),
+        )
+    except KeyError as exc:
+        raise LowbitError(f"quantization_config lacks {exc}") from None
+
+
+_BLOCK_INDEX = re.compile(r"^.*?\.\d+\.")
+
+
+def config_groups(layers: dict[str, QuantLinear]) -> dict:
+    """One config group per distinct weight scheme; targets are ``re:`` patterns on the name
+    inside a block (e.g. ``re:.*self_attn\\.q_proj$``) when every block agrees, else exact names."""
+    by_suffix: dict[str, set] = defaultdict(set)
+    for name, layer in layers.items():
+        by_suffix[_BLOCK_INDEX.sub("", name)].add(layer.args)
+    groups: dict[QuantizationArgs, list[str]] = defaultdict(list)
+    for name, layer in layers.items():
+        suffix = _BLOCK_INDEX.sub("", name)
+        if len(by_suffix[suffix]) == 1 and suffix != name:
+            target = "re:.*" + re.escape(suffix) + "$"
+        else:
+            target = name
+        if target not in groups[layer.args]:
+            groups[layer.args].append(target)
+    return {
+        f"group_{i}": {
+            "targets": targets,
+            "weights": _args_dict(args),
+            "input_activations": None,
+            "output_activations": None,
+            "format": _format(args),
+        }
+        for i, (args, targets) in enumerate(groups.items())
+    }
+
+
+def quantization_config(model: nn.Module) -> dict:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    formats = {_format(m.args) for m in layers.values()}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups(layers),
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
+
+
+def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of one quantized Linear."""
+    args = layer.args
+    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": layer.weight_scale.contiguous()}
+    if args.num_bits == 8:
+        out[f"{name}.weight"] = layer.weight_q.contiguous()
+        if layer.weight_zero_point is not None:
+            out[f"{name}.weight_zero_point"] = layer.weight_zero_point.contiguous()
+    else:
+        out[f"{name}.weight_packed"] = pack_int32(layer.weight_q, args.num_bits)
+        out[f"{name}.weight_shape"] = torch.tensor(list(layer.weight_q.shape), dtype=torch.int64)
+        if layer.weight_zero_point is not None:
+            out[f"{name}.weight_zero_point"] = pack_int32(layer.weight_zero_point, args.num_bits, dim=0)
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().contiguous()
+    return out
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: quantized layers in the compressed layout, the rest as they are."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in quantized.items():
+        tensors.update(layer_tensors(name, layer))
+    seen: dict[int, str] = {}
+    for name, p in model.state_dict(keep_vars=True).items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized:
+            continue
+        if p.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen[p.data_ptr()] = name
+        tensors[name] = p.detach().contiguous()
+    return tensors
+
+
+def save_quantized(model: nn.Module, tokenizer, folder: Path, record: dict) -> None:
+    """Write config.json, model.safetensors, tokenizer files and the recipe into ``folder``."""
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(model)
+    save_file(checkpoint_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type(module).__name__
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
+    """A model whose quantized Linears are :class:`QuantLinear` (dequantize on the fly), and its tokenizer."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    qc = config.quantization_config
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    ignore = set(qc.get("ignore") or [])
+    groups = [(g["targets"], _args_from_dict(g["weights"])) for g in qc["config_groups"].values()]
+    tensors = _read_tensors(folder)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in ignore:
+            continue
+        args = next((a for targets, a in groups if any(_matches(name, module, t) for t in targets)), None)
+        if args is None:
+            continue
+        shape = (module.out_features, module.in_features)
+        if args.num_bits == 8:
+            q = tensors.pop(f"{name}.weight")
+        else:
+            q = unpack_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape)
+            tensors.pop(f"{name}.weight_shape", None)
+        layer = QuantLinear(*shape[::-1], args, module.bias is not None, dtype, device="meta")
+        state[f"{name}.weight_q"] = q
+        state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale").to(dtype)
+        zp = tensors.pop(f"{name}.weight_zero_point", None)
+        if zp is not None:
+            state[f"{name}.weight_zero_point"] = zp if args.num_bits == 8 else unpack_int32(
+                zp, args.num_bits, state[f"{name}.weight_scale"].shape, dim=0
+            )
+        _set_module(model, name, layer)
+    state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise LowbitError(f"{folder} holds tensors the model does not have: {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{folder} is missing tensors: {missing[:3]}")
+    model.config.quantization_config = qc
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def read_record(folder: Path) -> dict:
+    path = Path(folder) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
