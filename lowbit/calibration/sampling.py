@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.data.corpora import CalibrationText
+from lowbit.data.tokens import token_stream
 from lowbit.errors import LowbitError
 
 
@@ -16,7 +17,7 @@ def calibration_windows(
         raise TypeError("calibration needs a CalibrationText (see lowbit.data.corpora.calibration_text)")
     if nsamples < 1 or seqlen < 2:
         raise LowbitError(f"need at least 1 sample of at least 2 tokens (got {nsamples} × {seqlen})")
-    ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_stream(text, tokenizer)
     available = ids.numel() // seqlen
     if available < nsamples:
         raise LowbitError(

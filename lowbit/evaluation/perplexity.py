@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lowbit.calibration.sampling import _wants_bos
 from lowbit.data.corpora import EvaluationText
+from lowbit.data.tokens import token_stream
 from lowbit.errors import LowbitError
 
 
@@ -37,7 +38,7 @@ def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens:
         raise TypeError("perplexity needs an EvaluationText (see lowbit.data.corpora.evaluation_text)")
     bos = tokenizer.bos_token_id if _wants_bos(tokenizer) else None
     body = seqlen - 1 if bos is not None else seqlen
-    ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_stream(text, tokenizer)
     if max_tokens:
         ids = ids[: max(max_tokens, body)]
     n = ids.numel() // body

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.schemes import make_scheme
+
+
+def correlated_inputs(n=2048, d=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) * 0.2
+
+
+def output_error(W, Wq, X):
+    return float(((X @ (W - Wq).T) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits, group, sym", [(2, 32, False), (3, 64, True), (4, 64, True), (4, None, False), (8, None, True)])
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_gptq_beats_rtn_on_the_layer_output(bits, group, sym, actorder):
+    torch.manual_seed(1)
+    W = torch.randn(64, 128)
+    X = correlated_inputs()
+    acc = HessianAccumulator(128)
+    acc.add(X)
+    args = make_scheme(bits, group, sym, actorder).weights
+    rtn, _ = rtn_quantize(W, None, args)
+    gptq, loss = gptq_quantize(W, acc.H, args)
+    assert int(gptq.q.min()) >= args.q_min and int(gptq.q.max()) <= args.q_max
+    assert gptq.scale.shape == rtn.scale.shape
+    assert output_error(W, gptq.dequantize(), X) < 0.8 * output_error(W, rtn.dequantize(), X)
+    assert loss > 0
+
+
+def test_hessian_accumulator_is_the_mean_outer_product():
+    X = torch.randn(100, 8)
+    acc = HessianAccumulator(8)
+    acc.add(X[:30])
+    acc.add(X[30:])
+    torch.testing.assert_close(acc.H, 2 * X.T @ X / 100, rtol=1e-5, atol=1e-5)
+
+
+def test_dead_inputs_do_not_break_the_factorisation():
+    W = torch.randn(16, 64)
+    X = correlated_inputs(512, 64)
+    X[:, 5] = 0
+    acc = HessianAccumulator(64)
+    acc.add(X)
+    qw, _ = gptq_quantize(W, acc.H, make_scheme(4, 32).weights)
+    assert torch.isfinite(qw.dequantize()).all()

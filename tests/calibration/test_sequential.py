@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from lowbit import api
+from lowbit.algorithms import get_method
+from lowbit.calibration.sequential import quantize_blocks
+from lowbit.errors import LowbitError
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.schemes import make_scheme
+
+from ..conftest import make_model
+
+
+def test_every_decoder_linear_is_replaced_and_lm_head_is_kept(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    calibration = torch.randint(0, len(tiny_tokenizer), (8, 16))
+    report = quantize_blocks(model, make_scheme(4, 32), get_method("gptq"), calibration, batch_size=4)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == len(report.layers) == 2 * 7
+    assert all(".layers." in n for n in quantized)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_gptq_model_tracks_the_original_better_than_rtn(tiny_tokenizer):
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tiny_tokenizer), (16, 32))
+    reference = make_model(len(tiny_tokenizer))
+    with torch.no_grad():
+        target = reference(input_ids=ids).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = make_model(len(tiny_tokenizer))
+        quantize_blocks(model, make_scheme(3, 32), get_method(method), ids, batch_size=8)
+        with torch.no_grad():
+            errors[method] = float((model(input_ids=ids).logits - target).pow(2).mean())
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_ignore_keeps_matching_layers_in_full_precision(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    quantize_blocks(model, make_scheme(4, 32), get_method("rtn"), ignore=("re:.*down_proj",))
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+def test_nan_weights_are_refused_naming_the_layer(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LowbitError, match="layers.1.self_attn.v_proj has 1 NaN"):
+        api.quantize(str(broken), make_scheme(4, 32), method="rtn", output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

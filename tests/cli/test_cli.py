@@ -1,0 +1,86 @@
+"""End-to-end: the CLI exactly as a user types it."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+LOWBIT = shutil.which("lowbit")
+pytestmark = pytest.mark.skipif(LOWBIT is None, reason="the lowbit command is not installed")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([LOWBIT, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_failure(done, message):
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+
+
+def test_help_names_the_jobs():
+    done = run("--help")
+    assert done.returncode == 0
+    assert "quantize" in done.stdout and "eval" in done.stdout
+
+
+def test_quantize_then_eval_a_tiny_model(tiny_model_dir, tmp_path, text_file):
+    out = tmp_path / "q"
+    done = run("quantize", tiny_model_dir, "-o", out, "--method", "gptq", "--bits", "4", "--group-size", "32",
+               "--calib", text_file, "--nsamples", "4", "--seqlen", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["method"] == "gptq" and summary["bits_per_weight"] > 4
+    done = run("eval", out, tiny_model_dir, "--ppl", text_file, "--seqlen", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    quantized, full = json.loads(done.stdout)
+    assert quantized["quantized"] and not full["quantized"]
+    assert quantized["perplexity"] > 1 and full["perplexity"] > 1
+    assert quantized["size_bytes"] < full["size_bytes"]
+
+
+def test_table_output_is_readable(tiny_model_dir, text_file):
+    done = run("eval", tiny_model_dir, "--ppl", text_file, "--seqlen", "32")
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout and "peak RSS" in done.stdout
+
+
+def test_unsupported_bits(tiny_model_dir, tmp_path):
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--bits", "5"), "5-bit")
+
+
+def test_bad_group_size(tiny_model_dir, tmp_path):
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--group-size", "-3"), "group size")
+
+
+def test_existing_output_folder_is_kept(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", out, "--method", "rtn"), "--overwrite")
+    assert (out / "mine.txt").read_text() == "mine"
+
+
+def test_missing_model(tmp_path):
+    assert_clean_failure(run("eval", tmp_path / "no-model"), "no model")
+
+
+def test_empty_calibration_text(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_clean_failure(
+        run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--calib", empty, "--seqlen", "32"), "too short"
+    )
+    assert not (tmp_path / "q").exists()
+
+
+def test_hub_id_while_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_clean_failure(run("eval", "someorg/not-a-cached-model"), "Offline")
+
+
+def test_unknown_method(tiny_model_dir, tmp_path):
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--method", "magic"), "unknown method")
