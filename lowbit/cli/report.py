@@ -65,4 +65,8 @@ def eval_table(results: Iterable[dict]) -> Table:
 
 
 def print_table(table: Table) -> None:
-    Console().print(table)
+    """Print to the terminal at its width; piped output gets a wide console so columns never fold."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
