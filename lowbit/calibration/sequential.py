@@ -173,7 +173,7 @@ def quantize_blocks(
         linears = target_linears(block, block_prefix, ignore)
         hessians = _collect_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
         _quantize_linears(block, linears, scheme, method, hessians, report, block_prefix)
-        if inputs is not None:
+        if inputs is not None and i + 1 < len(blocks):
             inputs = _run_block(block, inputs, kwargs)
         if on_block:
             on_block(i + 1, len(blocks))
