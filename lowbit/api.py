@@ -15,7 +15,8 @@ from lowbit.algorithms import get_method
 from lowbit.calibration.sampling import calibration_windows
 from lowbit.calibration.sequential import QuantizationReport, quantize_blocks
 from lowbit.data.corpora import calibration_text, evaluation_text
-from lowbit.evaluation.footprint import bits_per_weight, folder_size, peak_rss_bytes
+from lowbit.errors import LowbitError
+from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
 from lowbit.evaluation.perplexity import perplexity
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
@@ -77,6 +78,7 @@ def quantize(
     seqlen: int = 512,
     overwrite: bool = False,
     ignore: tuple = (),
+    include_lm_head: bool = False,
     seed: int = 0,
     batch_size: int = 8,
     allow_pickle: bool = False,
@@ -101,15 +103,13 @@ def quantize(
     calib_record = None
     if algorithm.needs_calibration:
         if not calib:
-            from lowbit.errors import LowbitError
-
             raise LowbitError(f"method {algorithm.name} needs calibration text: pass --calib")
         text = calibration_text(calib)
         calibration = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
         calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     with progress_bar(f"{algorithm.name} {scheme.describe()}", progress) as step:
         report: QuantizationReport = quantize_blocks(
-            hf_model, scheme, algorithm, calibration, batch_size, tuple(ignore), on_block=step
+            hf_model, scheme, algorithm, calibration, batch_size, tuple(ignore), include_lm_head, on_block=step
         )
     quant_time = time.perf_counter() - start
     fallbacks = sorted({f"{r.name.rsplit('.', 1)[-1]}: {r.fallback}" for r in report.fallbacks})
@@ -122,6 +122,7 @@ def quantize(
         "weights": scheme.weights.to_dict(),
         "calibration": calib_record,
         "ignored": list(ignore),
+        "lm_head_quantized": include_lm_head,
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(quant_time, 1),
     }
@@ -156,7 +157,6 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity on the held-out part of ``ppl`` plus size, bits/weight, peak memory and time."""
-    from lowbit.errors import LowbitError
     from lowbit.models.embedded import EMBEDDED, embedded_folder
 
     if dtype not in DTYPES:
@@ -181,9 +181,7 @@ def evaluate(
         corpus=None if result is None else result.corpus,
         bits_per_weight=bits_per_weight(hf_model),
         size_bytes=None if path is None else folder_size(path),
-        parameters=sum(p.numel() for p in hf_model.parameters()) + sum(
-            m.weight_q.numel() for m in hf_model.modules() if hasattr(m, "weight_q")
-        ),
+        parameters=parameter_count(hf_model),
         load_time_s=load_time,
         eval_time_s=time.perf_counter() - start - load_time,
         peak_rss_bytes=peak_rss_bytes(),

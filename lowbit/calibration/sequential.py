@@ -8,6 +8,7 @@ activations [nsamples, seqlen, hidden] (inputs and outputs), never all blocks' a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 from lowbit.algorithms import Method
 from lowbit.algorithms.gptq import HessianAccumulator
 from lowbit.errors import LowbitError
-from lowbit.models.architectures import decoder_blocks
+from lowbit.models.architectures import architecture_of, decoder_blocks
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.schemes.args import QuantizationScheme
 from lowbit.schemes.grid import resolve_group_size
@@ -43,7 +44,6 @@ class QuantizationReport:
 
 def target_linears(block: nn.Module, prefix: str, ignore: tuple) -> dict[str, nn.Linear]:
     """The block's Linear layers by full name, minus those matching an ``ignore`` entry (name or ``re:``)."""
-    import re
 
     def ignored(name: str) -> bool:
         return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in ignore)
@@ -60,14 +60,14 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
 
 
 def _quantize_linears(
-    block: nn.Module,
+    model: nn.Module,
     linears: dict[str, nn.Linear],
     scheme: QuantizationScheme,
     method: Method,
     hessians: dict[str, torch.Tensor],
     report: QuantizationReport,
-    prefix: str,
 ) -> None:
+    """Quantize each Linear (by its full name in ``model``) and swap in a :class:`QuantLinear`."""
     for name, linear in linears.items():
         W = linear.weight.data
         _check_finite(name, W)
@@ -76,9 +76,8 @@ def _quantize_linears(
         if args != scheme.weights:
             fallback = f"group size {scheme.weights.group_size} does not divide {linear.in_features}: {args.describe()}"
         qw, loss = method.quantize(W, hessians.get(name), args)
-        qlinear = QuantLinear.from_quantized(qw, linear.bias)
-        parent, _, child = name[len(prefix) + 1 :].rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, qlinear)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear.from_quantized(qw, linear.bias))
         report.layers.append(LayerReport(name, tuple(W.shape), args.describe(), loss, fallback))
 
 
@@ -157,9 +156,11 @@ def quantize_blocks(
     calibration: Optional[torch.Tensor] = None,
     batch_size: int = 8,
     ignore: tuple = (),
+    include_lm_head: bool = False,
     on_block: Optional[Callable[[int, int], None]] = None,
 ) -> QuantizationReport:
-    """Replace every target Linear of every decoder block by a :class:`QuantLinear`, in place."""
+    """Replace every target Linear of every decoder block (and ``lm_head`` if asked) by a
+    :class:`QuantLinear`, in place."""
     prefix, blocks = decoder_blocks(model)
     report = QuantizationReport()
     inputs = kwargs = None
@@ -172,12 +173,29 @@ def quantize_blocks(
         block_prefix = f"{prefix}.{i}"
         linears = target_linears(block, block_prefix, ignore)
         hessians = _collect_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
-        _quantize_linears(block, linears, scheme, method, hessians, report, block_prefix)
-        if inputs is not None and i + 1 < len(blocks):
+        _quantize_linears(model, linears, scheme, method, hessians, report)
+        if inputs is not None and (i + 1 < len(blocks) or include_lm_head):
             inputs = _run_block(block, inputs, kwargs)
         if on_block:
             on_block(i + 1, len(blocks))
+    if include_lm_head:
+        _quantize_lm_head(model, scheme, method, inputs, report)
     return report
+
+
+def _quantize_lm_head(model: nn.Module, scheme, method: Method, last_outputs, report: QuantizationReport) -> None:
+    """Quantize the output projection on the final-norm activations; a tied embedding stays full precision."""
+    arch = architecture_of(model)
+    head = model.get_submodule(arch.lm_head)
+    hessians = {}
+    if last_outputs is not None:
+        norm = model.get_submodule(arch.final_norm)
+        acc = HessianAccumulator(head.in_features)
+        for x in last_outputs:
+            acc.add(norm(x))
+        hessians[arch.lm_head] = acc.H
+    _quantize_linears(model, {arch.lm_head: head}, scheme, method, hessians, report)
+    model.config.tie_word_embeddings = False
 
 
 def effective_bits(model: nn.Module) -> float:

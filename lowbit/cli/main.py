@@ -50,6 +50,9 @@ def quantize(
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     ignore: List[str] = typer.Option([], help="also keep this Linear in full precision (name or re:regex)"),
+    include_lm_head: bool = typer.Option(
+        False, "--include-lm-head", help="quantize the output projection too (unties it from the embeddings)"
+    ),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) checkpoints"),
@@ -73,6 +76,7 @@ def quantize(
         seqlen=seqlen,
         overwrite=overwrite,
         ignore=tuple(ignore),
+        include_lm_head=include_lm_head,
         seed=seed,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from lowbit.data.deb import extract_member
 from lowbit.data.assets import apt_download, cache_dir, pip_download, publish_dir, staging_dir
 from lowbit.errors import LowbitError
 
@@ -100,8 +101,6 @@ def _extract_austen() -> Path:
 
     with tempfile.TemporaryDirectory() as tmp:
         deb = apt_download("r-cran-janeaustenr", Path(tmp))
-        from lowbit.data.deb import extract_member
-
         index = extract_member(deb, "janeaustenr/data/Rdata.rdx")
         db = extract_member(deb, "janeaustenr/data/Rdata.rdb")
     variables = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(index)))["variables"]

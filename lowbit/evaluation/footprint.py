@@ -32,6 +32,14 @@ def bits_per_weight(model: nn.Module) -> float:
     return total_bits / total_n if total_n else float("nan")
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Weights of the model, counting each quantized weight once (as a parameter of the original)."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -15,9 +15,11 @@ from lowbit.errors import LowbitError
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where a family's decoder blocks live, as a dotted attribute path from the CausalLM."""
+    """Where a family keeps its parts, as dotted attribute paths from the CausalLM."""
 
     blocks: str = "model.layers"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -49,14 +51,7 @@ def architecture_of(model: nn.Module) -> Architecture:
     return arch
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    module = model
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(prefix, blocks) of a supported causal LM, e.g. ("model.layers", ModuleList)."""
     arch = architecture_of(model)
-    return arch.blocks, _resolve(model, arch.blocks)
+    return arch.blocks, model.get_submodule(arch.blocks)

@@ -6,7 +6,7 @@ A scheme is data: it says *what* grid a weight lands on, never *how* the roundin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from lowbit.errors import LowbitError
@@ -84,33 +84,40 @@ class QuantizationArgs:
 
 @dataclass(frozen=True)
 class QuantizationScheme:
-    """Which modules get which arguments (compressed-tensors' ``QuantizationScheme``)."""
+    """What a quantized module stores (compressed-tensors' ``QuantizationScheme``); weight-only for now.
+
+    Which modules get a scheme is the caller's choice (see ``ignore`` and ``include_lm_head`` in
+    :func:`lowbit.quantize`), recorded per layer in the checkpoint's config groups.
+    """
 
     weights: QuantizationArgs
-    targets: tuple = ("Linear",)
-    input_activations: Optional[QuantizationArgs] = None
-    output_activations: Optional[QuantizationArgs] = None
-    ignore: tuple = field(default=("lm_head",))
-
-    @property
-    def format(self) -> str:
-        """The compressed-tensors storage format for these weights."""
-        return "int-quantized" if self.weights.num_bits == 8 else "pack-quantized"
 
     def describe(self) -> str:
         return f"W{self.weights.num_bits}A16 ({self.weights.describe()})"
 
 
-def _preset(num_bits: int, symmetric: bool, default_group: Optional[int]):
-    def make(group_size: Optional[int] = default_group, actorder: Optional[str] = None) -> QuantizationScheme:
-        strategy = "channel" if group_size is None else "group"
-        return QuantizationScheme(
-            weights=QuantizationArgs(
-                num_bits=num_bits, symmetric=symmetric, strategy=strategy, group_size=group_size, actorder=actorder
-            )
+def make_scheme(
+    bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True, actorder: Optional[str] = None
+) -> QuantizationScheme:
+    """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel)."""
+    group_size = group_size or None
+    return QuantizationScheme(
+        weights=QuantizationArgs(
+            num_bits=bits,
+            symmetric=symmetric,
+            strategy="group" if group_size else "channel",
+            group_size=group_size,
+            actorder=actorder,
         )
+    )
 
-    return make
+
+def _preset(num_bits: int, symmetric: bool, default_group: Optional[int]):
+    def preset(group_size: Optional[int] = default_group, actorder: Optional[str] = None) -> QuantizationScheme:
+        return make_scheme(num_bits, group_size, symmetric, actorder)
+
+    preset.__doc__ = f"{num_bits}-bit {'symmetric' if symmetric else 'asymmetric'} weights, 16-bit activations."
+    return preset
 
 
 W8A16 = _preset(8, True, None)
@@ -130,19 +137,3 @@ PRESETS = {
     "W2A16": W2A16,
     "W2A16_SYM": W2A16_SYM,
 }
-
-
-def make_scheme(
-    bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True, actorder: Optional[str] = None
-) -> QuantizationScheme:
-    """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel)."""
-    group_size = group_size or None
-    return QuantizationScheme(
-        weights=QuantizationArgs(
-            num_bits=bits,
-            symmetric=symmetric,
-            strategy="group" if group_size else "channel",
-            group_size=group_size,
-            actorder=actorder,
-        )
-    )

@@ -21,6 +21,16 @@ def test_every_decoder_linear_is_replaced_and_lm_head_is_kept(tiny_tokenizer):
     assert isinstance(model.lm_head, torch.nn.Linear)
 
 
+def test_gptq_quantizes_lm_head_on_final_norm_activations_when_asked(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    calibration = torch.randint(0, len(tiny_tokenizer), (4, 16))
+    report = quantize_blocks(model, make_scheme(4, 32), get_method("gptq"), calibration, include_lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear) and report.layers[-1].name == "lm_head"
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
 def test_gptq_model_tracks_the_original_better_than_rtn(tiny_tokenizer):
     torch.manual_seed(0)
     ids = torch.randint(0, len(tiny_tokenizer), (16, 32))

@@ -96,3 +96,18 @@ def test_disk_full_while_saving_leaves_no_checkpoint(tiny_model_dir, tmp_path, m
     with pytest.raises(LowbitError, match="disk full"):
         quantize_tiny(tiny_model_dir, tmp_path / "q", make_scheme(4, 32))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lm_head_is_quantized_only_when_asked_and_the_checkpoint_still_loads(tiny_model_dir, tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.runtime.qlinear import QuantLinear
+
+    _, model, _ = quantize_tiny(tiny_model_dir, tmp_path / "q", make_scheme(4, 32), include_lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert isinstance(model.model.embed_tokens.weight, torch.nn.Parameter)
+    reloaded, _, _ = load_model(str(tmp_path / "q"))
+    assert isinstance(reloaded.lm_head, QuantLinear)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
