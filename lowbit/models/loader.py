@@ -113,7 +113,8 @@ def _hub_error(name: str, exc: Exception) -> LowbitError:
 
     return LowbitError(
         f"could not get {name!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})."
-        f" Offline, pass a local model folder, a .gguf file, or the embedded model {', '.join(EMBEDDED)}"
+        f" To use it offline, download it where there is network (huggingface-cli download {name} --local-dir DIR)"
+        f" and pass DIR; or use a .gguf file or the embedded model {', '.join(EMBEDDED)}"
     )
 
 

@@ -79,7 +79,7 @@ def test_empty_calibration_text(tiny_model_dir, tmp_path):
 
 def test_hub_id_while_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_clean_failure(run("eval", "someorg/not-a-cached-model"), "Offline")
+    assert_clean_failure(run("eval", "someorg/not-a-cached-model"), "use it offline")
 
 
 def test_unknown_method(tiny_model_dir, tmp_path):
