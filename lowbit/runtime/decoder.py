@@ -1,0 +1,154 @@
+"""A lean decoder for Llama-style models (gpt-fast style): static shapes, a preallocated KV cache,
+fused q/k/v and gate/up projections running on packed low-bit kernels, bf16 on CPU.
+
+One step computes, for each block,
+
+    x = RMSNorm(h);  q, k, v = x W_qkvᵀ;  q, k = RoPE(q, k);  cache[k, v] at positions p
+    h = h + Attn(q, K_cache, V_cache, mask: position ≤ p) W_oᵀ
+    x = RMSNorm(h);  h = h + (SiLU(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
+
+Family differences are data (:data:`FAMILIES`); other families use transformers' own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbit.runtime.kernels import fast_linear
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.schemes.grid import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class Family:
+    """What distinguishes a Llama-style family in the decoder."""
+
+    qk_norm: bool = False
+
+
+FAMILIES = {"llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True)}
+
+WeightQuantizer = Callable[[torch.Tensor], Optional[QuantizedWeight]]
+
+
+def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
+    """One fast linear computing several projections of the same input (outputs concatenated)."""
+    biases = [m.bias for m in modules]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)]
+    )
+    if all(isinstance(m, QuantLinear) for m in modules) and len({m.args for m in modules}) == 1:
+        parts = [m.quantized_weight() for m in modules]
+        zp = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+        qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zp, parts[0].args)
+        return fast_linear(qw, bias=bias, dtype=dtype)
+    weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
+    weight = torch.cat([w.detach().float() for w in weights])
+    qw = quantize(weight) if quantize else None
+    return fast_linear(qw, weight=weight, bias=bias, dtype=dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self, layer: nn.Module, family: Family, quantize, dtype):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], quantize, dtype)
+        self.o = _fused([attn.o_proj], quantize, dtype)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], quantize, dtype)
+        self.down = _fused([mlp.down_proj], quantize, dtype)
+        self.register_buffer("norm_attn", layer.input_layernorm.weight.detach().to(dtype))
+        self.register_buffer("norm_mlp", layer.post_attention_layernorm.weight.detach().to(dtype))
+        self.q_norm = attn.q_norm.weight.detach().to(dtype) if family.qk_norm else None
+        self.k_norm = attn.k_norm.weight.detach().to(dtype) if family.qk_norm else None
+        self.q_size = attn.q_proj.out_features
+        self.kv_size = attn.k_proj.out_features
+        self.intermediate = mlp.gate_proj.out_features
+
+
+class LeanDecoder(nn.Module):
+    """Forward for one sequence: ``logits = decoder(ids [1, T], positions [T])`` with the KV cache kept inside."""
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        max_len: int,
+        quantize: Optional[WeightQuantizer] = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ):
+        super().__init__()
+        config = hf_model.config
+        family = FAMILIES[config.model_type]
+        self.dtype, self.max_len = dtype, max_len
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        inner = hf_model.model
+        self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype))
+        self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
+        self.register_buffer("norm", inner.norm.weight.detach().to(dtype))
+        self.lm_head = _fused([hf_model.lm_head], None, dtype)
+        positions = torch.arange(max_len)[None]
+        probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.register_buffer("cos", cos[0].to(dtype))
+        self.register_buffer("sin", sin[0].to(dtype))
+        shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
+
+    @staticmethod
+    def supports(hf_model: nn.Module) -> bool:
+        return getattr(hf_model.config, "model_type", None) in FAMILIES
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
+        """Attention of q [1, heads, T, d] over cached positions [0, start + T)."""
+        end = start + T
+        k, v = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
+        if T == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
+        """Logits for ``ids`` [1, T] placed at positions start … start + T − 1 (earlier ones cached)."""
+        T = ids.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
+        h = F.embedding(ids, self.embed)
+        cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
+        for i, b in enumerate(self.blocks):
+            x = self._rms(h, b.norm_attn)
+            q, k, v = b.qkv(x).split([b.q_size, b.kv_size, b.kv_size], dim=-1)
+            q = q.view(1, T, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            if b.q_norm is not None:
+                q, k = self._rms(q, b.q_norm), self._rms(k, b.k_norm)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k_cache[i, :, :, start : start + T] = k
+            self.v_cache[i, :, :, start : start + T] = v
+            a = self._attend(i, q, start, T)
+            h = h + b.o(a.transpose(1, 2).reshape(1, T, -1))
+            x = self._rms(h, b.norm_mlp)
+            gate, up = b.gate_up(x).split([b.intermediate, b.intermediate], dim=-1)
+            h = h + b.down(F.silu(gate) * up)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self._rms(h, self.norm)).float()
