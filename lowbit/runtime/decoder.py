@@ -33,7 +33,7 @@ class Family:
 
 FAMILIES = {"llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True)}
 
-WeightQuantizer = Callable[[torch.Tensor], Optional[QuantizedWeight]]
+WeightQuantizer = Callable[[torch.Tensor, Optional[torch.Tensor], torch.dtype], nn.Module]
 
 
 def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
@@ -49,8 +49,7 @@ def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype)
         return fast_linear(qw, bias=bias, dtype=dtype)
     weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
     weight = torch.cat([w.detach().float() for w in weights])
-    qw = quantize(weight) if quantize else None
-    return fast_linear(qw, weight=weight, bias=bias, dtype=dtype)
+    return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
 
 
 class _Block(nn.Module):
@@ -78,6 +77,7 @@ class LeanDecoder(nn.Module):
         hf_model: nn.Module,
         max_len: int,
         quantize: Optional[WeightQuantizer] = None,
+        quantize_head: Optional[WeightQuantizer] = None,
         dtype: torch.dtype = torch.bfloat16,
     ):
         super().__init__()
@@ -92,7 +92,8 @@ class LeanDecoder(nn.Module):
         self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype))
         self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
         self.register_buffer("norm", inner.norm.weight.detach().to(dtype))
-        self.lm_head = _fused([hf_model.lm_head], None, dtype)
+        self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
+        self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)

@@ -159,6 +159,21 @@ class DequantLinear(_FastLinear):
         return self._add_bias(F.linear(x.to(self.dtype), w))
 
 
+class Fp8Linear(_FastLinear):
+    """float8 e4m3 weights [N, K] with a per-channel scale [N]; upcast per call (no fp8 GEMM on CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
+        super().__init__(bias, dtype)
+        self.out_features, self.in_features = weight.shape
+        fp8 = torch.float8_e4m3fn
+        scale = (weight.abs().amax(dim=1).float() / torch.finfo(fp8).max).clamp(min=1e-12)
+        self.register_buffer("weight", (weight.float() / scale[:, None]).to(fp8))
+        self.register_buffer("scale", scale.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(F.linear(x.to(self.dtype), self.weight.to(self.dtype) * self.scale[:, None]))
+
+
 class DenseLinear(_FastLinear):
     """A full-precision Linear held in the compute dtype."""
 
