@@ -131,6 +131,98 @@ def evaluate(
         print_table(eval_table(results))
 
 
+def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code):
+    from lowbit.runtime.llm import LLM
+
+    _quiet_transformers()
+    return LLM(
+        model,
+        quantization=quantization,
+        max_model_len=max_model_len,
+        lm_head=lm_head,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+_MODEL_HELP = "model to run: a lowbit checkpoint, a folder, a .gguf file, a hub id, or smollm2-135m"
+_QUANT_HELP = "quantize a full-precision model at load time: int8, int4 or fp8"
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
+    max_tokens: int = typer.Option(512, help="longest answer in tokens"),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_p: float = typer.Option(0.9),
+    top_k: int = typer.Option(0, help="0 = off"),
+    seed: Optional[int] = typer.Option(None),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    max_model_len: int = typer.Option(2048, help="context length (prompt + answer)"),
+    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+):
+    """Chat with a model in the terminal (streaming, multi-turn, /reset, /exit)."""
+    from lowbit.cli.chat import chat_loop
+    from lowbit.runtime.sampling import SamplingParams
+
+    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    chat_loop(llm, params, system)
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
+    served_model_name: Optional[str] = typer.Option(None, help="model id clients use (default: MODEL)"),
+    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
+    max_model_len: int = typer.Option(2048, help="context length (prompt + answer)"),
+    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+):
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    import uvicorn
+
+    from lowbit.serving.app import create_app
+
+    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code)
+    name = served_model_name or model
+    print(f"serving {name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
+    prompt_tokens: int = typer.Option(512, help="prefill length"),
+    decode_tokens: int = typer.Option(128, help="tokens decoded after the prompt"),
+    repeats: int = typer.Option(3, help="repetitions (median and best are reported)"),
+    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Inference speed: load time, size, memory, prefill and decode tokens per second."""
+    from lowbit.cli.report import emit_json, print_table, speed_table
+    from lowbit.evaluation.speed import measure_speed
+
+    llm = _load_llm(model, quantization, prompt_tokens + decode_tokens, lm_head, threads, False, False)
+    result = measure_speed(llm, prompt_tokens, decode_tokens, repeats).to_dict()
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(speed_table(result))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:

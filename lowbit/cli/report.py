@@ -64,6 +64,24 @@ def eval_table(results: Iterable[dict]) -> Table:
     return table
 
 
+def speed_table(r: dict) -> Table:
+    table = Table(title=f"lowbit bench {r['model']} ({r['decoder']}, {r['threads']} threads)", show_header=False)
+    rows = [
+        ("quantization", r["quantization"] or "none (bf16)"),
+        ("load time", f"{r['load_time_s']:.1f} s"),
+        ("size on disk", mb(r["size_bytes"])),
+        ("resident weights", mb(r["resident_weights_bytes"])),
+        ("KV cache", mb(r["kv_cache_bytes"])),
+        ("RSS after load (before)", f"{mb(r['rss_after_load_bytes'])} ({mb(r['rss_before_load_bytes'])})"),
+        ("peak RSS", gb(r["peak_rss_bytes"])),
+        (f"prefill {r['prompt_tokens']} tok/s, median (best)", f"{r['prefill_tok_s_median']:.0f} ({r['prefill_tok_s_max']:.0f})"),
+        (f"decode {r['decode_tokens']} tok/s, median (best)", f"{r['decode_tok_s_median']:.1f} ({r['decode_tok_s_max']:.1f})"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
 def print_table(table: Table) -> None:
     """Print to the terminal at its width; piped output gets a wide console so columns never fold."""
     console = Console()

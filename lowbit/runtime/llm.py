@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -56,6 +55,9 @@ class LLM:
             raise LowbitError(f"lm_head must be 'int8' or 'bf16', got {lm_head!r}")
         if threads:
             torch.set_num_threads(threads)
+        from lowbit.evaluation.speed import current_rss_bytes
+
+        self.rss_before_load_bytes = current_rss_bytes()
         start = time.perf_counter()
         hf_model, self.tokenizer, self.source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
         if quantization is not None and self.source.quantized:
@@ -73,6 +75,8 @@ class LLM:
         del hf_model
         self.eos_ids = self._eos_ids()
         self.load_time_s = time.perf_counter() - start
+        _release_freed_memory()
+        self.rss_after_load_bytes = current_rss_bytes()
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -163,5 +167,13 @@ class LLM:
         return self._run("", self.encode_chat(messages), params or SamplingParams())
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _release_freed_memory() -> None:
+    """Return the load-time full-precision copies to the OS (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass

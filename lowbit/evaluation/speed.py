@@ -1,0 +1,101 @@
+"""Inference speed: load time, prefill and decode tokens per second, memory, repeated for min/median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+
+from lowbit.evaluation.footprint import folder_size, peak_rss_bytes
+
+
+@dataclass
+class SpeedResult:
+    model: str
+    quantization: Optional[str]
+    decoder: str
+    threads: int
+    prompt_tokens: int
+    decode_tokens: int
+    repeats: int
+    load_time_s: float
+    size_bytes: Optional[int]
+    rss_before_load_bytes: int
+    rss_after_load_bytes: int
+    resident_weights_bytes: int
+    peak_rss_bytes: int
+    kv_cache_bytes: int
+    prefill_tok_s_median: float
+    prefill_tok_s_max: float
+    decode_tok_s_median: float
+    decode_tok_s_max: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 3) -> SpeedResult:
+    """Prefill a random prompt of ``prompt_tokens`` and decode ``decode_tokens`` greedily after it, ``repeats`` times.
+
+    Reports the median and the best run (best = least disturbed by other tenants of the machine).
+    """
+    decoder = llm.decoder
+    vocab = llm.tokenizer.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
+    llm.check_length(prompt_tokens, decode_tokens)
+    decoder(prompt[:, :16], 0)  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        holder = {}
+        prefill.append(prompt_tokens / _timed(lambda: holder.update(logits=decoder(prompt, 0))))
+
+        def run_decode():
+            token = holder["logits"][0, -1].argmax().view(1, 1)
+            for i in range(decode_tokens):
+                token = decoder(token, prompt_tokens + i)[0, -1].argmax().view(1, 1)
+
+        decode.append(decode_tokens / _timed(run_decode))
+    tensors = [(n, t) for n, t in (*decoder.named_buffers(), *decoder.named_parameters()) if t is not None]
+    cache = sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_cache"))
+    weights = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("_cache"))
+    path = llm.source.path
+    if path is None and llm.source.kind == "embedded":
+        from lowbit.models.embedded import embedded_folder
+
+        path = embedded_folder(llm.name)
+    return SpeedResult(
+        model=llm.name,
+        quantization=llm.quantization,
+        decoder=type(decoder).__name__,
+        threads=llm.threads,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        load_time_s=llm.load_time_s,
+        size_bytes=None if path is None else folder_size(Path(path)),
+        rss_before_load_bytes=llm.rss_before_load_bytes,
+        rss_after_load_bytes=llm.rss_after_load_bytes,
+        resident_weights_bytes=weights,
+        peak_rss_bytes=peak_rss_bytes(),
+        kv_cache_bytes=cache,
+        prefill_tok_s_median=statistics.median(prefill),
+        prefill_tok_s_max=max(prefill),
+        decode_tok_s_median=statistics.median(decode),
+        decode_tok_s_max=max(decode),
+    )
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
