@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from lowbit.runtime.kernels import DequantLinear, Fp8Linear, Int4Linear, Int8Linear, fast_linear, unpack_int4_cpu_layout
+from lowbit.schemes import dequantize, make_scheme, quantize
+
+
+def reference(qw, x):
+    return x.float() @ dequantize(qw, torch.float32).t()
+
+
+@pytest.mark.parametrize(
+    "scheme, kind",
+    [
+        (make_scheme(4, 64), Int4Linear),
+        (make_scheme(4, 32, symmetric=False), Int4Linear),
+        (make_scheme(4, 128), Int4Linear),
+        (make_scheme(8, None), Int8Linear),
+        (make_scheme(3, 64), DequantLinear),
+        (make_scheme(2, 32, symmetric=False), DequantLinear),
+        (make_scheme(4, 96), DequantLinear),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_fast_kernels_agree_with_the_dequantized_reference(scheme, kind, rows):
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(128, 384), scheme.weights)
+    layer = fast_linear(qw)
+    assert type(layer) is kind
+    x = torch.randn(2, rows, 384).to(torch.bfloat16)
+    ref = reference(qw, x)
+    y = layer(x).float()
+    assert y.shape == ref.shape
+    assert float((y - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+def test_int4_layout_unpacks_to_the_codes():
+    u = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    assert torch.equal(unpack_int4_cpu_layout(packed, 192, 96).to(torch.int32), u)
+
+
+def test_int4_stores_half_a_byte_per_weight():
+    qw = quantize(torch.randn(256, 512), make_scheme(4, 64).weights)
+    layer = fast_linear(qw)
+    assert layer.packed.numel() * layer.packed.element_size() == 256 * 512 // 2
+
+
+def test_fp8_is_close_to_the_weight():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    y = Fp8Linear(w)(x).float()
+    ref = x.float() @ w.t()
+    assert float((y - ref).abs().max()) <= 0.1 * float(ref.abs().max())

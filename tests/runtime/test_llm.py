@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.llm import LLM
+from lowbit.runtime.sampling import SamplingParams, sample
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert sample(logits, SamplingParams(temperature=0), None) == 1
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=2), g) for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_p=0.4), g) for _ in range(100)}
+    assert picks == {1}
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(LowbitError):
+        SamplingParams(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return LLM(str(tiny_model_dir), quantization="int4", max_model_len=64)
+
+
+def test_greedy_generation_is_deterministic_and_respects_max_tokens(llm):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a, b = llm.generate(["a single man"], params)[0], llm.generate("a single man", params)[0]
+    assert a.text == b.text and a.finish_reason == "length"
+    assert len(llm.tokenizer(a.text, add_special_tokens=False).input_ids) <= 8
+
+
+def test_seeded_sampling_reproduces(llm):
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    assert llm.generate("truth", params)[0].text == llm.generate("truth", params)[0].text
+
+
+def test_stop_strings_cut_the_text(llm):
+    free = llm.generate("a single", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].text
+    stop = free.strip()[:2]
+    out = llm.generate("a single", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and stop not in out.text
+
+
+def test_too_long_prompt_is_refused(llm):
+    with pytest.raises(LowbitError, match="exceeds the context"):
+        llm.generate("fortune " * 80, SamplingParams(max_tokens=4))
+
+
+def test_unknown_on_the_fly_quantization(tiny_model_dir):
+    with pytest.raises(LowbitError, match="int8, int4, fp8"):
+        LLM(str(tiny_model_dir), quantization="int3")
