@@ -115,6 +115,54 @@ class Int4Linear(_FastLinear):
         return self._add_bias(y).reshape(*shape[:-1], self.out_features)
 
 
+class NativeInt4Linear(_FastLinear):
+    """4-bit weights for lowbit's own AVX-512 VNNI kernel (``csrc/q4gemv.cpp``).
+
+    ``packed`` uint8 [N, K/2] holds, per 64-column chunk, column b in the low nibble and b + 32 in
+    the high nibble of byte b; ``scale_offset`` float32 [N, K/g, 2] holds (s, o) with w = s·u + o,
+    u ∈ [0, 15]. Decode-sized inputs go through the kernel (activations quantized to int8 per 32,
+    as llama.cpp does); larger ones dequantize to bf16 and use a dense GEMM.
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
+        super().__init__(bias, dtype)
+        from lowbit.runtime.native import q4_kernels
+
+        self.kernels = q4_kernels()
+        self.out_features, self.in_features = n, k = qw.shape
+        self.group_size = qw.group_size
+        u = (qw.q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 64, 2, 32)
+        self.register_buffer("packed", (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous())
+        s = qw.scale.float()
+        z = torch.zeros_like(s) if qw.zero_point is None else qw.zero_point.float()
+        self.register_buffer("scale_offset", torch.stack([s, -s * (8 + z)], dim=-1).contiguous())
+
+    @staticmethod
+    def supports(qw: QuantizedWeight) -> bool:
+        from lowbit.runtime.native import q4_kernels
+
+        n, k = qw.shape
+        g = qw.group_size
+        return qw.args.num_bits == 4 and k % 64 == 0 and g % 32 == 0 and k % g == 0 and q4_kernels() is not None
+
+    def dequantized(self) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        p = self.packed.reshape(n, k // 64, 1, 32)
+        u = torch.cat([p & 0xF, p >> 4], dim=2).reshape(n, k // g, g).to(self.dtype)
+        so = self.scale_offset.to(self.dtype)
+        return (u * so[..., :1] + so[..., 1:]).reshape(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= 8:
+            y = self.kernels.q4_gemv(x2.float().contiguous(), self.packed, self.scale_offset, self.group_size)
+            y = y.to(self.dtype)
+        else:
+            y = F.linear(x2.to(self.dtype), self.dequantized())
+        return self._add_bias(y).reshape(*shape[:-1], self.out_features)
+
+
 class Int8Linear(_FastLinear):
     """Per-channel int8 weights [N, K] with scales [N], for ``_weight_int8pack_mm`` (symmetric only)."""
 
@@ -190,6 +238,8 @@ def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="c
     """The fastest module that computes this layer exactly as stored on this device."""
     if qw is None:
         return DenseLinear(weight, bias, dtype)
+    if device == "cpu" and NativeInt4Linear.supports(qw):
+        return NativeInt4Linear(qw, bias, dtype)
     if device == "cpu" and Int4Linear.supports(qw):
         return Int4Linear(qw, bias, dtype)
     if device == "cpu" and Int8Linear.supports(qw):

@@ -1,8 +1,19 @@
 import pytest
 import torch
 
-from lowbit.runtime.kernels import DequantLinear, Fp8Linear, Int4Linear, Int8Linear, fast_linear, unpack_int4_cpu_layout
+from lowbit.runtime.kernels import (
+    DequantLinear,
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    NativeInt4Linear,
+    fast_linear,
+    unpack_int4_cpu_layout,
+)
+from lowbit.runtime.native import q4_kernels
 from lowbit.schemes import dequantize, make_scheme, quantize
+
+NATIVE = q4_kernels() is not None
 
 
 def reference(qw, x):
@@ -12,13 +23,13 @@ def reference(qw, x):
 @pytest.mark.parametrize(
     "scheme, kind",
     [
-        (make_scheme(4, 64), Int4Linear),
-        (make_scheme(4, 32, symmetric=False), Int4Linear),
-        (make_scheme(4, 128), Int4Linear),
+        (make_scheme(4, 64), NativeInt4Linear if NATIVE else Int4Linear),
+        (make_scheme(4, 32, symmetric=False), NativeInt4Linear if NATIVE else Int4Linear),
+        (make_scheme(4, 128), NativeInt4Linear if NATIVE else Int4Linear),
         (make_scheme(8, None), Int8Linear),
         (make_scheme(3, 64), DequantLinear),
         (make_scheme(2, 32, symmetric=False), DequantLinear),
-        (make_scheme(4, 96), DequantLinear),
+        (make_scheme(4, 96), NativeInt4Linear if NATIVE else DequantLinear),
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, 17])
@@ -34,15 +45,31 @@ def test_fast_kernels_agree_with_the_dequantized_reference(scheme, kind, rows):
     assert float((y - ref).abs().max()) <= 0.02 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("kind", [Int4Linear, NativeInt4Linear])
+@pytest.mark.parametrize("rows", [1, 5, 9])
+@pytest.mark.parametrize("shape", [(64, 576), (192, 1536), (128, 640)])
+def test_each_int4_kernel_matches_the_reference(kind, rows, shape):
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(*shape), make_scheme(4, 64, symmetric=False).weights)
+    if not kind.supports(qw):
+        pytest.skip(f"{kind.__name__} is not available on this machine")
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+    ref = reference(qw, x)
+    assert float((kind(qw)(x).float() - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
 def test_int4_layout_unpacks_to_the_codes():
     u = torch.randint(0, 16, (192, 96), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
     assert torch.equal(unpack_int4_cpu_layout(packed, 192, 96).to(torch.int32), u)
 
 
-def test_int4_stores_half_a_byte_per_weight():
+@pytest.mark.parametrize("kind", [Int4Linear, NativeInt4Linear])
+def test_int4_stores_half_a_byte_per_weight(kind):
     qw = quantize(torch.randn(256, 512), make_scheme(4, 64).weights)
-    layer = fast_linear(qw)
+    if not kind.supports(qw):
+        pytest.skip(f"{kind.__name__} is not available on this machine")
+    layer = kind(qw)
     assert layer.packed.numel() * layer.packed.element_size() == 256 * 512 // 2
 
 
