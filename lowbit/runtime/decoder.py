@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.runtime.kernels import fast_linear
+from lowbit.runtime.kernels import Int8Linear, fast_linear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
 
@@ -89,10 +89,14 @@ class LeanDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         inner = hf_model.model
-        self.register_buffer("embed", inner.embed_tokens.weight.detach().to(dtype))
         self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
         self.register_buffer("norm", inner.norm.weight.detach().to(dtype))
         self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
+        tied = getattr(hf_model.lm_head, "weight", None) is inner.embed_tokens.weight
+        # A tied int8 head doubles as the embedding table (rows looked up and rescaled): one copy, not two.
+        self.shared_embedding = tied and isinstance(self.lm_head, Int8Linear)
+        embed = None if self.shared_embedding else inner.embed_tokens.weight.detach().to(dtype)
+        self.register_buffer("embed", embed)
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
@@ -106,6 +110,11 @@ class LeanDecoder(nn.Module):
     @staticmethod
     def supports(hf_model: nn.Module) -> bool:
         return getattr(hf_model.config, "model_type", None) in FAMILIES
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.shared_embedding:
+            return self.lm_head.q[ids].to(self.dtype) * self.lm_head.scale[ids][..., None]
+        return F.embedding(ids, self.embed)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -132,7 +141,7 @@ class LeanDecoder(nn.Module):
         T = ids.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
-        h = F.embedding(ids, self.embed)
+        h = self._embed(ids)
         cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
         for i, b in enumerate(self.blocks):
             x = self._rms(h, b.norm_attn)

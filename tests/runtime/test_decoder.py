@@ -40,3 +40,14 @@ def test_context_overflow_is_refused(quantized_model):
     decoder = LeanDecoder(quantized_model, max_len=8)
     with pytest.raises(ValueError, match="exceeds the context"):
         decoder(torch.zeros(1, 9, dtype=torch.long), 0)
+
+
+def test_a_tied_int8_head_also_serves_as_the_embedding(quantized_model):
+    from lowbit.runtime.onthefly import quantizer_for
+
+    ids = torch.randint(0, quantized_model.config.vocab_size, (1, 16))
+    plain = LeanDecoder(quantized_model, max_len=32)
+    shared = LeanDecoder(quantized_model, max_len=32, quantize_head=quantizer_for("int8"))
+    assert shared.shared_embedding and shared.embed is None
+    a, b = plain(ids, 0, last_only=False), shared(ids, 0, last_only=False)
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())

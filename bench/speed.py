@@ -1,0 +1,171 @@
+"""Speed benchmark: lowbit's CPU inference vs llama.cpp and transformers, side by side in one run.
+
+Rows: llama.cpp ``llama-bench`` at Q4_0 and Q8_0 (made from the full-precision GGUF), transformers
+``generate`` in fp32 and bf16, and ``lowbit bench`` on W4 (g32/g64/g128) and W8 checkpoints, each
+lowbit W4 row with lowbit's native kernel and with torch's int4 kernel. Every row runs in its own
+process with the same thread count. Columns: prefill and decode tokens/s (median and best of the
+repeats), lowbit's ratio to llama.cpp at the same bit-width, and the memory-bandwidth ceiling
+(bytes read per decoded token against measured copy bandwidth).
+
+    python bench/speed.py --llama-bench PATH/llama-bench --llama-quantize PATH/llama-quantize
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+W4_GROUPS = (32, 64, 128)
+
+
+def sh(cmd: list[str], env: dict | None = None) -> str:
+    print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    done = subprocess.run(list(map(str, cmd)), stdout=subprocess.PIPE, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(map(str, cmd))}")
+    return done.stdout
+
+
+def lowbit(*args) -> list:
+    return [sys.executable, "-m", "lowbit.cli.main", *args]
+
+
+def copy_bandwidth_gbs(threads: int) -> float:
+    """Best of 5 copies of a 256 MiB buffer: bytes read + written per second."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def llama_rows(args, out: Path) -> list[dict]:
+    from lowbit.models.embedded import EMBEDDED, embedded_gguf
+
+    rows = []
+    f32 = out / "llama-F32.gguf"
+    if not f32.exists():
+        sh([args.llama_quantize, "--allow-requantize", embedded_gguf(EMBEDDED["smollm2-135m"]), f32, "F32"])
+    for qtype in ("Q4_0", "Q8_0"):
+        gguf = out / f"llama-{qtype}.gguf"
+        if not gguf.exists():
+            sh([args.llama_quantize, f32, gguf, qtype])
+        raw = json.loads(sh([args.llama_bench, "-m", gguf, "-p", args.prompt, "-n", args.decode, "-t", args.threads,
+                             "-r", args.repeats, "-o", "json"]))
+        pp = next(r for r in raw if r["n_prompt"] > 0)
+        tg = next(r for r in raw if r["n_gen"] > 0)
+        rows.append({"row": f"llama.cpp {qtype}", "bits": 4 if qtype == "Q4_0" else 8,
+                     "prefill_median": statistics.median(pp["samples_ts"]), "prefill_best": max(pp["samples_ts"]),
+                     "decode_median": statistics.median(tg["samples_ts"]), "decode_best": max(tg["samples_ts"]),
+                     "size_bytes": gguf.stat().st_size})
+    return rows
+
+
+TRANSFORMERS = """
+import json, statistics, sys, time, torch
+from lowbit.models.loader import load_model
+dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[sys.argv[1]]
+P, D, R = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(int(sys.argv[5]))
+model, tok, _ = load_model("smollm2-135m", dtype)
+ids = torch.randint(0, tok.vocab_size, (1, P), generator=torch.Generator().manual_seed(0))
+pre, dec = [], []
+with torch.no_grad():
+    model(ids[:, :16])
+    for _ in range(R):
+        t = time.perf_counter(); model(ids); pre.append(P / (time.perf_counter() - t))
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=D, min_new_tokens=D, do_sample=False)
+        total = time.perf_counter() - t
+        dec.append(D / max(total - P / pre[-1], 1e-9))
+print(json.dumps({"prefill_median": statistics.median(pre), "prefill_best": max(pre),
+                  "decode_median": statistics.median(dec), "decode_best": max(dec)}))
+"""
+
+
+def transformers_rows(args) -> list[dict]:
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        raw = json.loads(sh([sys.executable, "-c", TRANSFORMERS, dtype, args.prompt, args.decode, args.repeats,
+                             args.threads]))
+        rows.append({"row": f"transformers {dtype}", "bits": 32 if dtype == "float32" else 16, **raw})
+    return rows
+
+
+def lowbit_rows(args, out: Path) -> list[dict]:
+    rows = []
+    variants = [(4, g) for g in W4_GROUPS] + [(8, 0)]
+    for bits, group in variants:
+        ckpt = out / (f"w4-g{group}" if bits == 4 else "w8")
+        if not (ckpt / "config.json").exists():
+            sh(lowbit("quantize", "smollm2-135m", "-o", ckpt, "--method", "rtn", "--bits", bits, "--group-size", group,
+                      "--overwrite", "--json"))
+        kernels = [("native", "1"), ("torch int4", "0")] if bits == 4 else [("torch int8", "0")]
+        for kernel, native in kernels:
+            env = {**os.environ, "LOWBIT_NATIVE": native}
+            raw = json.loads(sh(lowbit("bench", ckpt, "--json", "--threads", args.threads, "--repeats", args.repeats,
+                                       "--prompt-tokens", args.prompt, "--decode-tokens", args.decode), env))
+            label = f"lowbit W{bits}" + (f" g{group}" if bits == 4 else " per-channel") + f" ({kernel})"
+            rows.append({"row": label, "bits": bits, "prefill_median": raw["prefill_tok_s_median"],
+                         "prefill_best": raw["prefill_tok_s_max"], "decode_median": raw["decode_tok_s_median"],
+                         "decode_best": raw["decode_tok_s_max"], "size_bytes": raw["size_bytes"],
+                         "bytes_per_token": raw["resident_weights_bytes"], "kv_cache_bytes": raw["kv_cache_bytes"],
+                         "rss_after_load": raw["rss_after_load_bytes"], "rss_before_load": raw["rss_before_load_bytes"]})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-bench", type=Path)
+    p.add_argument("--llama-quantize", type=Path)
+    p.add_argument("--out", type=Path, default=Path("bench/results/speed"))
+    p.add_argument("--threads", default="2")
+    p.add_argument("--prompt", default="512")
+    p.add_argument("--decode", default="128")
+    p.add_argument("--repeats", default="3")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth_gbs(int(args.threads))
+    rows = (llama_rows(args, args.out) if args.llama_bench and args.llama_quantize else [])
+    rows += transformers_rows(args) + lowbit_rows(args, args.out)
+    reference = {r["bits"]: r for r in rows if r["row"].startswith("llama.cpp")}
+    for r in rows:
+        ref = reference.get(r["bits"]) if r["row"].startswith("lowbit") else None
+        r["decode_vs_llama"] = r["decode_median"] / ref["decode_median"] if ref else None
+        r["prefill_vs_llama"] = r["prefill_median"] / ref["prefill_median"] if ref else None
+        if r.get("bytes_per_token"):
+            r["ceiling_tok_s"] = bandwidth * 1e9 / r["bytes_per_token"]
+    (args.out / "speed.json").write_text(json.dumps({"copy_bandwidth_gbs": bandwidth, "threads": args.threads,
+                                                      "rows": rows}, indent=2))
+    print(f"\nsmollm2-135m, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, {args.repeats} repeats;"
+          f" copy bandwidth {bandwidth:.1f} GB/s (read+write)")
+    header = (f"{'row':<32}{'prefill tok/s':>16}{'decode tok/s':>16}{'vs llama.cpp (pre/dec)':>24}"
+              f"{'MB/token':>10}{'ceiling tok/s':>15}{'RSS-base MB':>13}{'disk MB':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        vs = (f"{r['prefill_vs_llama']:.2f}x / {r['decode_vs_llama']:.2f}x" if r.get("decode_vs_llama") else "-")
+        rss = r["rss_after_load"] - r["rss_before_load"] if r.get("rss_after_load") else None
+        print(f"{r['row']:<32}{r['prefill_median']:>8.0f} ({r['prefill_best']:>4.0f}){r['decode_median']:>9.1f} "
+              f"({r['decode_best']:>4.0f}){vs:>24}"
+              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>10.1f}"
+              f"{r.get('ceiling_tok_s', float('nan')):>15.0f}{(rss / 1e6 if rss else float('nan')):>13.0f}"
+              f"{(r.get('size_bytes') or float('nan')) / 1e6:>9.1f}")
+    print("median (best); MB/token = resident weights read per decoded token; RSS-base = RSS after load"
+          " minus before (includes the KV cache)")
+
+
+if __name__ == "__main__":
+    main()
