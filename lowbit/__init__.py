@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from lowbit.api import evaluate, quantize  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.runtime.llm import LLM, RequestOutput  # noqa: E402
+from lowbit.runtime.sampling import SamplingParams  # noqa: E402
 from lowbit.schemes import (  # noqa: E402
     W2A16,
     W2A16_SYM,
@@ -17,7 +19,10 @@ from lowbit.schemes import (  # noqa: E402
 )
 
 __all__ = [
+    "LLM",
     "LowbitError",
+    "RequestOutput",
+    "SamplingParams",
     "QuantizationArgs",
     "QuantizationScheme",
     "W2A16",

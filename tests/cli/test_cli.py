@@ -84,3 +84,24 @@ def test_hub_id_while_offline(tmp_path, monkeypatch):
 
 def test_unknown_method(tiny_model_dir, tmp_path):
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--method", "magic"), "unknown method")
+
+
+def test_chat_through_a_pipe(tiny_model_dir):
+    done = subprocess.run([LOWBIT, "chat", str(tiny_model_dir), "--max-tokens", "5", "--quantization", "int4"],
+                          input="hello\n/reset\nagain\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant> ") == 2 and "(conversation cleared)" in done.stdout
+
+
+def test_bench_reports_speeds_as_json(tiny_model_dir):
+    done = run("bench", tiny_model_dir, "--quantization", "int4", "--prompt-tokens", "32", "--decode-tokens", "8",
+               "--repeats", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["prefill_tok_s_median"] > 0 and result["decode_tok_s_median"] > 0
+    assert result["decode_tok_s_max"] >= result["decode_tok_s_median"] and result["threads"] >= 1
+    assert result["kv_cache_bytes"] > 0 and result["resident_weights_bytes"] > 0
+
+
+def test_serve_refuses_unknown_quantization(tiny_model_dir):
+    assert_clean_failure(run("serve", tiny_model_dir, "--quantization", "int3"), "int3")
