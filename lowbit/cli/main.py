@@ -46,6 +46,7 @@ def quantize(
     group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal"),
+    observer: str = typer.Option("minmax", help="scale choice: minmax, or mse (search clipped ranges)"),
     calib: str = typer.Option("shakespeare", help="calibration text (its calibration part is used)"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
@@ -64,7 +65,7 @@ def quantize(
     from lowbit.cli.report import emit_json, print_table, quantize_table
     from lowbit.schemes import make_scheme
 
-    scheme = make_scheme(bits, group_size, symmetric=not asym, actorder="weight" if act_order else None)
+    scheme = make_scheme(bits, group_size, not asym, "weight" if act_order else None, observer)
     _quiet_transformers()
     result = api.quantize(
         model,

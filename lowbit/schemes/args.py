@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 SUPPORTED_BITS = (2, 3, 4, 8)
 STRATEGIES = ("channel", "group")
 ACTORDERS = (None, "weight")
+OBSERVERS = ("minmax", "mse")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class QuantizationArgs:
                 raise LowbitError(f"group size must be a positive integer, got {self.group_size!r}")
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
+        if self.observer not in OBSERVERS:
+            raise LowbitError(f"observer {self.observer!r} is not supported; choose 'minmax' or 'mse'")
         if self.actorder not in ACTORDERS:
             raise LowbitError(
                 f"actorder {self.actorder!r} is not supported; use 'weight' (static groups, no g_idx) or none"
@@ -79,7 +82,8 @@ class QuantizationArgs:
         grid = "sym" if self.symmetric else "asym"
         where = "per-channel" if self.strategy == "channel" else f"g{self.group_size}"
         order = ", act-order" if self.actorder else ""
-        return f"int{self.num_bits} {grid} {where}{order}"
+        mse = ", mse" if self.observer == "mse" else ""
+        return f"int{self.num_bits} {grid} {where}{order}{mse}"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,11 @@ class QuantizationScheme:
 
 
 def make_scheme(
-    bits: int = 4, group_size: Optional[int] = 128, symmetric: bool = True, actorder: Optional[str] = None
+    bits: int = 4,
+    group_size: Optional[int] = 128,
+    symmetric: bool = True,
+    actorder: Optional[str] = None,
+    observer: str = "minmax",
 ) -> QuantizationScheme:
     """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel)."""
     group_size = group_size or None
@@ -108,6 +116,7 @@ def make_scheme(
             strategy="group" if group_size else "channel",
             group_size=group_size,
             actorder=actorder,
+            observer=observer,
         )
     )
 

@@ -40,26 +40,47 @@ class QuantizedWeight:
         return dequantize(self, dtype)
 
 
-def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.dtype] = None):
-    """Min-max scale and zero point of each row of ``w`` [rows, cols] → (scale [rows], zero_point [rows] | None).
+MSE_SHRINK = torch.linspace(1.0, 0.8, 21)
+MSE_NORM = 2.4
 
-    ``dtype`` is the storage dtype of the scale; rounding uses the stored value so that what is
-    saved reproduces exactly what was computed.
-    """
-    dtype = dtype or w.dtype
-    w = w.float()
+
+def _range_qparams(w_min: torch.Tensor, w_max: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype):
+    """Scale and zero point stretching [w_min, w_max] (per row) over the grid; symmetric uses max |w|."""
     levels = args.q_max - args.q_min
     if args.symmetric:
-        absmax = w.abs().amax(dim=1)
-        scale = (absmax / (levels / 2)).to(dtype).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale.to(dtype), None
-    w_min = w.amin(dim=1).clamp(max=0)
-    w_max = w.amax(dim=1).clamp(min=0)
+        scale = (torch.maximum(-w_min, w_max) / (levels / 2)).to(dtype).float()
+        return torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype), None
     scale = ((w_max - w_min) / levels).to(dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.clamp(torch.round(args.q_min - w_min / scale), args.q_min, args.q_max)
     return scale.to(dtype), zero_point.to(torch.int8)
+
+
+def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.dtype] = None):
+    """Scale and zero point of each row of ``w`` [rows, cols] → (scale [rows], zero_point [rows] | None).
+
+    ``observer="minmax"`` maps the row's range onto the grid. ``observer="mse"`` also tries ranges
+    shrunk by up to 20% and keeps, per row, the one minimising Σ |w − ŵ|^2.4 (clipping a few
+    outliers buys a finer step for the rest). ``dtype`` is the storage dtype of the scale; rounding
+    uses the stored value so that what is saved reproduces exactly what was computed.
+    """
+    dtype = dtype or w.dtype
+    w = w.float()
+    w_min, w_max = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+    if args.observer != "mse":
+        return _range_qparams(w_min, w_max, args, dtype)
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_scale, best_zero = None, None
+    for shrink in MSE_SHRINK:
+        scale, zero = _range_qparams(w_min * shrink, w_max * shrink, args, dtype)
+        w_hat = dequantize_with(quantize_with(w, scale, zero, args), scale, zero)
+        err = (w_hat - w).abs().pow(MSE_NORM).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = zero if best_zero is None else torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize_with(
