@@ -58,3 +58,15 @@ def test_group_size_that_does_not_divide_falls_back_to_a_divisor():
 def test_bad_schemes_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(LowbitError, match=message):
         QuantizationArgs(**kwargs)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (2, False)])
+def test_mse_observer_never_does_worse_than_minmax_on_the_row_error(bits, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.rand(64, 1)
+    errors = {}
+    for observer in ("minmax", "mse"):
+        qw = quantize(w, make_scheme(bits, 64, symmetric, observer=observer).weights)
+        errors[observer] = (dequantize(qw) - w).abs().pow(2.4).reshape(64 * 4, 64).sum(dim=1)
+    assert torch.all(errors["mse"] <= errors["minmax"] + 1e-6)
+    assert errors["mse"].sum() < errors["minmax"].sum()
