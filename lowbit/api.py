@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -95,6 +95,8 @@ def quantize(
     start = time.perf_counter()
     scheme = scheme or make_scheme()
     algorithm = get_method(method)
+    if scheme.weights.actorder and not algorithm.uses_actorder:
+        scheme = replace(scheme, weights=replace(scheme.weights, actorder=None))
     if output_dir is not None:
         check_output_dir(Path(output_dir), overwrite)
     hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)

@@ -15,12 +15,13 @@ class Method:
     name: str
     quantize: Callable
     needs_calibration: bool
+    uses_actorder: bool
     summary: str
 
 
 METHODS = {
-    "rtn": Method("rtn", rtn_quantize, False, "round-to-nearest, no data, seconds"),
-    "gptq": Method("gptq", gptq_quantize, True, "GPTQ: Hessian-aware rounding from calibration text"),
+    "rtn": Method("rtn", rtn_quantize, False, False, "round-to-nearest, no data, seconds"),
+    "gptq": Method("gptq", gptq_quantize, True, True, "GPTQ: Hessian-aware rounding from calibration text"),
 }
 
 

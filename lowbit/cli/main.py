@@ -45,7 +45,9 @@ def quantize(
     bits: int = typer.Option(4, help="weight bits: 2, 3, 4 or 8"),
     group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
-    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal"),
+    act_order: bool = typer.Option(
+        True, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups)"
+    ),
     observer: str = typer.Option("minmax", help="scale choice: minmax, or mse (search clipped ranges)"),
     calib: str = typer.Option("shakespeare", help="calibration text (its calibration part is used)"),
     nsamples: int = typer.Option(128, help="calibration windows"),

