@@ -48,7 +48,7 @@ def quantize(
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups)"
     ),
-    observer: str = typer.Option("minmax", help="scale choice: minmax, or mse (search clipped ranges)"),
+    observer: str = typer.Option("mse", help="scale choice: mse (search clipped ranges) or minmax"),
     calib: str = typer.Option("shakespeare", help="calibration text (its calibration part is used)"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),

@@ -105,12 +105,13 @@ def make_scheme(
     group_size: Optional[int] = 128,
     symmetric: bool = True,
     actorder: Optional[str] = "weight",
-    observer: str = "minmax",
+    observer: str = "mse",
 ) -> QuantizationScheme:
     """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel).
 
-    Act-order (static groups) is on by default: it only changes what GPTQ does, and on SmolLM2 it
-    lowers GPTQ's perplexity by about 5%; algorithms without a column order drop it.
+    Defaults chosen by measurement on SmolLM2 (W4 g64, held-out Austen): act-order with static
+    groups (GPTQ only; algorithms without a column order drop it) lowers GPTQ's perplexity by ~5%,
+    and the MSE observer by another ~7% (RTN ~0.6%).
     """
     group_size = group_size or None
     return QuantizationScheme(
@@ -127,7 +128,7 @@ def make_scheme(
 
 def _preset(num_bits: int, symmetric: bool, default_group: Optional[int]):
     def preset(
-        group_size: Optional[int] = default_group, actorder: Optional[str] = "weight", observer: str = "minmax"
+        group_size: Optional[int] = default_group, actorder: Optional[str] = "weight", observer: str = "mse"
     ) -> QuantizationScheme:
         return make_scheme(num_bits, group_size, symmetric, actorder, observer)
 

@@ -12,7 +12,7 @@ from lowbit.schemes.grid import resolve_group_size
 def test_codes_stay_on_the_grid_and_error_is_bounded_by_half_a_step(bits, symmetric, group):
     torch.manual_seed(0)
     w = torch.randn(16, 128)
-    args = make_scheme(bits, group, symmetric).weights
+    args = make_scheme(bits, group, symmetric, observer="minmax").weights
     qw = quantize(w, args)
     assert qw.q.dtype == torch.int8
     assert int(qw.q.min()) >= args.q_min and int(qw.q.max()) <= args.q_max
