@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 # Two busy OpenMP threads spin-waiting on a shared 2-core machine slow element-wise ops by
 # an order of magnitude; set before torch is imported (a user's own setting wins).
@@ -27,6 +27,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+# Options shared by several commands.
+RunModel = Annotated[
+    str, typer.Argument(help="model to run: a lowbit checkpoint, a folder, a .gguf file, a hub id, or smollm2-135m")
+]
+Quantization = Annotated[
+    Optional[str], typer.Option(help="quantize a full-precision model at load time: int8, int4 or fp8")
+]
+MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
+LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or bf16")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: all)")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) checkpoints")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run model code from the hub")]
 
 
 def _quiet_transformers() -> None:
@@ -58,8 +72,8 @@ def quantize(
     ),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) checkpoints"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run model code from the hub"),
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Quantize a model's weights and save a compressed-tensors checkpoint."""
@@ -107,8 +121,8 @@ def evaluate(
     max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens (default: all)"),
     dtype: str = typer.Option("float32", help="compute dtype: float32, bfloat16, float16"),
     batch_size: int = typer.Option(4, help="windows per forward pass"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickle (.bin) checkpoints"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run model code from the hub"),
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ):
     """Perplexity on held-out text, size, bits per weight, peak memory and time."""
@@ -149,25 +163,23 @@ def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle
     )
 
 
-_MODEL_HELP = "model to run: a lowbit checkpoint, a folder, a .gguf file, a hub id, or smollm2-135m"
-_QUANT_HELP = "quantize a full-precision model at load time: int8, int4 or fp8"
 
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help=_MODEL_HELP),
-    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
+    model: RunModel,
+    quantization: Quantization = None,
     max_tokens: int = typer.Option(512, help="longest answer in tokens"),
     temperature: float = typer.Option(0.7, help="0 = greedy"),
     top_p: float = typer.Option(0.9),
     top_k: int = typer.Option(0, help="0 = off"),
     seed: Optional[int] = typer.Option(None),
     system: Optional[str] = typer.Option(None, help="system prompt"),
-    max_model_len: int = typer.Option(2048, help="context length (prompt + answer)"),
-    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    max_model_len: MaxModelLen = 2048,
+    lm_head: LmHead = "int8",
+    threads: Threads = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Chat with a model in the terminal (streaming, multi-turn, /reset, /exit)."""
     from lowbit.cli.chat import chat_loop
@@ -180,17 +192,17 @@ def chat(
 
 @app.command()
 def serve(
-    model: str = typer.Argument(..., help=_MODEL_HELP),
+    model: RunModel,
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
     served_model_name: Optional[str] = typer.Option(None, help="model id clients use (default: MODEL)"),
-    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
-    max_model_len: int = typer.Option(2048, help="context length (prompt + answer)"),
-    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quantization: Quantization = None,
+    max_model_len: MaxModelLen = 2048,
+    lm_head: LmHead = "int8",
+    threads: Threads = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
     import uvicorn
@@ -205,13 +217,13 @@ def serve(
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help=_MODEL_HELP),
-    quantization: Optional[str] = typer.Option(None, help=_QUANT_HELP),
+    model: RunModel,
+    quantization: Quantization = None,
     prompt_tokens: int = typer.Option(512, help="prefill length"),
     decode_tokens: int = typer.Option(128, help="tokens decoded after the prompt"),
     repeats: int = typer.Option(3, help="repetitions (median and best are reported)"),
-    lm_head: str = typer.Option("int8", help="output projection: int8 (fast) or bf16"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    lm_head: LmHead = "int8",
+    threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     """Inference speed: load time, size, memory, prefill and decode tokens per second."""
