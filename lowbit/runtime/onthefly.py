@@ -11,9 +11,10 @@ from lowbit.runtime.kernels import Fp8Linear, fast_linear
 from lowbit.schemes.args import QuantizationArgs, make_scheme
 from lowbit.schemes.grid import quantize, resolve_group_size
 
+# Load-time quantization is plain min-max RTN: it must take seconds, not minutes.
 ON_THE_FLY = {
-    "int8": make_scheme(8, None).weights,
-    "int4": make_scheme(4, 64, symmetric=False).weights,
+    "int8": make_scheme(8, None, observer="minmax").weights,
+    "int4": make_scheme(4, 64, symmetric=False, observer="minmax").weights,
     "fp8": None,
 }
 
