@@ -13,8 +13,8 @@ from lowbit.schemes.grid import quantize, resolve_group_size
 
 # Load-time quantization is plain min-max RTN: it must take seconds, not minutes.
 ON_THE_FLY = {
-    "int8": make_scheme(8, None, observer="minmax").weights,
-    "int4": make_scheme(4, 64, symmetric=False, observer="minmax").weights,
+    "int8": make_scheme(8, None, actorder=None, observer="minmax").weights,
+    "int4": make_scheme(4, 64, symmetric=False, actorder=None, observer="minmax").weights,
     "fp8": None,
 }
 
