@@ -159,8 +159,6 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity on the held-out part of ``ppl`` plus size, bits/weight, peak memory and time."""
-    from lowbit.models.embedded import EMBEDDED, embedded_folder
-
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if seqlen < 2:
@@ -168,7 +166,7 @@ def evaluate(
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
-    path = embedded_folder(model) if model in EMBEDDED else source.path
+    path = source.path
     result = None
     if ppl:
         text = evaluation_text(ppl)

@@ -71,10 +71,6 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
     cache = sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_cache"))
     weights = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("_cache"))
     path = llm.source.path
-    if path is None and llm.source.kind == "embedded":
-        from lowbit.models.embedded import embedded_folder
-
-        path = embedded_folder(llm.name)
     return SpeedResult(
         model=llm.name,
         quantization=llm.quantization,

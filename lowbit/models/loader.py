@@ -17,7 +17,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``kind`` is embedded, folder, gguf or hub."""
+    """Where a model comes from: ``kind`` is embedded, folder, gguf or hub; ``path`` is its local
+    folder or file (for an embedded model, its cached folder once loaded; None for a hub id)."""
 
     name: str
     kind: str
@@ -137,7 +138,9 @@ def load_model(
             raise
         except (OSError, ValueError) as exc:
             raise _hub_error(name, exc) from None
-    folder = embedded_folder(name) if source.kind == "embedded" else source.path
+    if source.kind == "embedded":
+        source = ModelSource(name, "embedded", embedded_folder(name))
+    folder = source.path
     check_safetensors(folder, allow_pickle)
     if is_compressed_tensors(folder):
         from lowbit.formats.compressed_tensors import load_quantized
