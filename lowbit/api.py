@@ -41,6 +41,7 @@ class QuantizeResult:
     peak_rss_bytes: int
     layers: int
     fallbacks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,8 +144,20 @@ def quantize(
         peak_rss_bytes=peak_rss_bytes(),
         layers=len(report.layers),
         fallbacks=fallbacks,
+        notes=consumer_notes(scheme),
     )
     return (result, hf_model, tokenizer) if return_model else result
+
+
+def consumer_notes(scheme: QuantizationScheme) -> list[str]:
+    """What known consumers of the checkpoint cannot read, and why."""
+    w = scheme.weights
+    if not w.symmetric and w.num_bits < 8:
+        return [
+            "transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints"
+            " (its loader allocates the zero point unpacked while the format packs it); lowbit loads it"
+        ]
+    return []
 
 
 def evaluate(

@@ -39,6 +39,8 @@ def quantize_table(result: dict) -> Table:
         table.add_row(key, value)
     for fallback in result["fallbacks"]:
         table.add_row("group-size fallback", fallback)
+    for note in result["notes"]:
+        table.add_row("note", note)
     return table
 
 

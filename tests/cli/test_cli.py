@@ -105,3 +105,10 @@ def test_bench_reports_speeds_as_json(tiny_model_dir):
 
 def test_serve_refuses_unknown_quantization(tiny_model_dir):
     assert_clean_failure(run("serve", tiny_model_dir, "--quantization", "int3"), "int3")
+
+
+def test_asymmetric_low_bit_checkpoints_say_which_consumer_cannot_read_them(tiny_model_dir, tmp_path):
+    done = run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--method", "rtn", "--bits", "4",
+               "--group-size", "32", "--asym", "--json")
+    assert done.returncode == 0, done.stderr
+    assert any("cannot load asymmetric" in note for note in json.loads(done.stdout)["notes"])
