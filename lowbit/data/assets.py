@@ -63,5 +63,10 @@ def publish_dir(build: Path, final: Path) -> Path:
 
 
 def staging_dir(final: Path) -> Path:
+    """A fresh folder next to ``final`` with ordinary permissions, to be published with :func:`publish_dir`."""
+    from lowbit.formats.checkpoint import _umask
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(path, 0o777 & ~_umask())
+    return path

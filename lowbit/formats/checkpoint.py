@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -19,6 +20,12 @@ def check_output_dir(final: Path, overwrite: bool) -> None:
         raise LowbitError(f"output path {final} exists and is not a folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output_dir(final: Path, overwrite: bool = False):
     """Yield a staging folder next to ``final``; rename it into place only if the block succeeds.
@@ -31,6 +38,7 @@ def atomic_output_dir(final: Path, overwrite: bool = False):
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield staging
     except OSError as exc:

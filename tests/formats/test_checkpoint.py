@@ -36,3 +36,15 @@ def test_a_successful_overwrite_replaces_the_folder_whole(tmp_path):
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_output_folder_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as staging:
+        (staging / "f").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
