@@ -62,8 +62,11 @@ def llama_rows(args, out: Path) -> list[dict]:
         gguf = out / f"llama-{qtype}.gguf"
         if not gguf.exists():
             sh([args.llama_quantize, f32, gguf, qtype])
+        # llama.cpp's OpenMP threads must spin as they do by default: OMP_WAIT_POLICY=PASSIVE (which
+        # lowbit's CLI sets for torch) makes its many small decode ops ~3x slower.
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         raw = json.loads(sh([args.llama_bench, "-m", gguf, "-p", args.prompt, "-n", args.decode, "-t", args.threads,
-                             "-r", args.repeats, "-o", "json"]))
+                             "-r", args.repeats, "-o", "json"], env))
         pp = next(r for r in raw if r["n_prompt"] > 0)
         tg = next(r for r in raw if r["n_gen"] > 0)
         rows.append({"row": f"llama.cpp {qtype}", "bits": 4 if qtype == "Q4_0" else 8,
