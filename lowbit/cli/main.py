@@ -9,13 +9,9 @@ import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
 
-# Two busy OpenMP threads spin-waiting on a shared 2-core machine slow element-wise ops by
-# an order of magnitude; set before torch is imported (a user's own setting wins).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import typer
 
-import typer  # noqa: E402
-
-from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.errors import LowbitError
 
 app = typer.Typer(
     help="lowbit: make Hugging Face causal LMs small with low-bit quantization, and measure what it costs.\n\n"
