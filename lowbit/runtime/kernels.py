@@ -1,8 +1,10 @@
 """Linear layers that compute straight from packed low-bit weights, choosing the kernel by shape.
 
-* :class:`Int4Linear`: torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) for decode-sized
+* :class:`Int4Linear` (default): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) for decode-sized
   inputs (few rows), and for prefill a transient bf16 dequantization of the same packed bytes
   followed by a dense bf16 GEMM (the int4 kernel is slower than dense bf16 for many rows).
+* :class:`NativeInt4Linear`: lowbit's AVX-512 VNNI kernel, for shapes torch's kernel does not take
+  (or for all int4 layers with ``LOWBIT_NATIVE=1``; measured ~20% slower than torch's on SmolLM2).
 * :class:`Int8Linear`: ``_weight_int8pack_mm`` (per-channel int8) for decode, dequantize for prefill.
 * :class:`DequantLinear`: the portable path for every layout lowbit saves (2/3-bit, odd group sizes,
   CUDA): int8 codes, dequantized per call.
@@ -14,6 +16,7 @@ Weights are stored once, in their packed form: nothing keeps a full-precision co
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -238,10 +241,13 @@ def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="c
     """The fastest module that computes this layer exactly as stored on this device."""
     if qw is None:
         return DenseLinear(weight, bias, dtype)
-    if device == "cpu" and NativeInt4Linear.supports(qw):
+    prefer_native = os.environ.get("LOWBIT_NATIVE") == "1"
+    if device == "cpu" and prefer_native and NativeInt4Linear.supports(qw):
         return NativeInt4Linear(qw, bias, dtype)
     if device == "cpu" and Int4Linear.supports(qw):
         return Int4Linear(qw, bias, dtype)
+    if device == "cpu" and NativeInt4Linear.supports(qw):
+        return NativeInt4Linear(qw, bias, dtype)
     if device == "cpu" and Int8Linear.supports(qw):
         return Int8Linear(qw, bias, dtype)
     return DequantLinear(qw, bias, dtype)

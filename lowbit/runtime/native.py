@@ -1,7 +1,8 @@
 """lowbit's own CPU kernels (``csrc/``), compiled on first use with the system C++ compiler and cached.
 
-Used only where the CPU has AVX-512 VNNI; everywhere else (or if the build fails) lowbit runs on
-torch's own kernels, and says why once.
+Used where the CPU has AVX-512 VNNI for int4 layers torch's kernel does not take (all of them with
+``LOWBIT_NATIVE=1``; ``LOWBIT_NATIVE=0`` never builds it); if the build fails lowbit says so once
+and uses the portable path.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ def reference(qw, x):
 @pytest.mark.parametrize(
     "scheme, kind",
     [
-        (make_scheme(4, 64), NativeInt4Linear if NATIVE else Int4Linear),
-        (make_scheme(4, 32, symmetric=False), NativeInt4Linear if NATIVE else Int4Linear),
-        (make_scheme(4, 128), NativeInt4Linear if NATIVE else Int4Linear),
+        (make_scheme(4, 64), Int4Linear),
+        (make_scheme(4, 32, symmetric=False), Int4Linear),
+        (make_scheme(4, 128), Int4Linear),
         (make_scheme(8, None), Int8Linear),
         (make_scheme(3, 64), DequantLinear),
         (make_scheme(2, 32, symmetric=False), DequantLinear),
