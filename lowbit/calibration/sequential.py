@@ -7,7 +7,6 @@ activations [nsamples, seqlen, hidden] (inputs and outputs), never all blocks' a
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -197,15 +196,3 @@ def _quantize_lm_head(model: nn.Module, scheme, method: Method, last_outputs, re
     _quantize_linears(model, {arch.lm_head: head}, scheme, method, hessians, report)
     model.config.tie_word_embeddings = False
 
-
-def effective_bits(model: nn.Module) -> float:
-    """Average stored bits per quantized weight (codes, scales, zero points) over all QuantLinears."""
-    bits = numel = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            n = m.weight_q.numel()
-            numel += n
-            bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8
-            if m.weight_zero_point is not None:
-                bits += m.weight_zero_point.numel() * m.args.num_bits
-    return bits / numel if numel else math.nan

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from pathlib import Path
 
+import psutil
 import torch.nn as nn
 
-from lowbit.calibration.sequential import effective_bits
+from lowbit.runtime.qlinear import QuantLinear
+
 
 
 def folder_size(path: Path) -> int:
@@ -20,8 +23,6 @@ def folder_size(path: Path) -> int:
 
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight of the decoder Linears: quantized ones with their scales, the rest at their dtype."""
-    from lowbit.runtime.qlinear import QuantLinear
-
     q = effective_bits(model)
     quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
     dense = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
@@ -34,8 +35,6 @@ def bits_per_weight(model: nn.Module) -> float:
 
 def parameter_count(model: nn.Module) -> int:
     """Weights of the model, counting each quantized weight once (as a parameter of the original)."""
-    from lowbit.runtime.qlinear import QuantLinear
-
     quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
     return sum(p.numel() for p in model.parameters()) + quantized
 
@@ -44,3 +43,20 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def effective_bits(model: nn.Module) -> float:
+    """Average stored bits per quantized weight (codes, scales, zero points) over all QuantLinears."""
+    bits = numel = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            n = m.weight_q.numel()
+            numel += n
+            bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8
+            if m.weight_zero_point is not None:
+                bits += m.weight_zero_point.numel() * m.args.num_bits
+    return bits / numel if numel else math.nan
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss

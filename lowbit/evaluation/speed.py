@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import psutil
 import torch
 
 from lowbit.evaluation.footprint import folder_size, peak_rss_bytes
@@ -92,6 +91,3 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
         decode_tok_s_max=max(decode),
     )
 
-
-def current_rss_bytes() -> int:
-    return psutil.Process().memory_info().rss

@@ -55,7 +55,7 @@ class LLM:
             raise LowbitError(f"lm_head must be 'int8' or 'bf16', got {lm_head!r}")
         if threads:
             torch.set_num_threads(threads)
-        from lowbit.evaluation.speed import current_rss_bytes
+        from lowbit.evaluation.footprint import current_rss_bytes
 
         self.rss_before_load_bytes = current_rss_bytes()
         start = time.perf_counter()
