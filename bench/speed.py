@@ -1,9 +1,10 @@
 """Speed benchmark: lowbit's CPU inference vs llama.cpp and transformers, side by side in one run.
 
 Rows: llama.cpp ``llama-bench`` at Q4_0 and Q8_0 (made from the full-precision GGUF), transformers
-``generate`` in fp32 and bf16, and ``lowbit bench`` on W4 (g32/g64/g128) and W8 checkpoints, each
-lowbit W4 row with lowbit's native kernel and with torch's int4 kernel. Every row runs in its own
-process with the same thread count. Columns: prefill and decode tokens/s (median and best of the
+``generate`` in fp32 and bf16, and ``lowbit bench`` on W4 (g32/g64/g128) and W8 checkpoints (plus
+W4 g64 with lowbit's native code switched off: the PyTorch decode loop). Every row runs in its own
+process with the same thread count. Decode is measured after the prompt, at the same context depth
+for every engine (llama-bench ``-d``). Columns: prefill and decode tokens/s (median and best of the
 repeats), lowbit's ratio to llama.cpp at the same bit-width, and the memory-bandwidth ceiling
 (bytes read per decoded token against measured copy bandwidth).
 
@@ -65,10 +66,9 @@ def llama_rows(args, out: Path) -> list[dict]:
         # llama.cpp's OpenMP threads must spin as they do by default: OMP_WAIT_POLICY=PASSIVE (which
         # lowbit's CLI sets for torch) makes its many small decode ops ~3x slower.
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        raw = json.loads(sh([args.llama_bench, "-m", gguf, "-p", args.prompt, "-n", args.decode, "-t", args.threads,
-                             "-r", args.repeats, "-o", "json"], env))
-        pp = next(r for r in raw if r["n_prompt"] > 0)
-        tg = next(r for r in raw if r["n_gen"] > 0)
+        common = ["-m", gguf, "-t", args.threads, "-r", args.repeats, "-o", "json"]
+        pp = json.loads(sh([args.llama_bench, *common, "-p", args.prompt, "-n", "0"], env))[0]
+        tg = json.loads(sh([args.llama_bench, *common, "-p", "0", "-n", args.decode, "-d", args.prompt], env))[0]
         rows.append({"row": f"llama.cpp {qtype}", "bits": 4 if qtype == "Q4_0" else 8,
                      "prefill_median": statistics.median(pp["samples_ts"]), "prefill_best": max(pp["samples_ts"]),
                      "decode_median": statistics.median(tg["samples_ts"]), "decode_best": max(tg["samples_ts"]),
@@ -109,23 +109,24 @@ def transformers_rows(args) -> list[dict]:
 
 def lowbit_rows(args, out: Path) -> list[dict]:
     rows = []
-    variants = [(4, g) for g in W4_GROUPS] + [(8, 0)]
-    for bits, group in variants:
+    variants = [(4, g, "") for g in W4_GROUPS] + [(4, 64, "0"), (8, 0, "")]
+    for bits, group, native in variants:
         ckpt = out / (f"w4-g{group}" if bits == 4 else "w8")
         if not (ckpt / "config.json").exists():
             sh(lowbit("quantize", "smollm2-135m", "-o", ckpt, "--method", "rtn", "--bits", bits, "--group-size", group,
                       "--overwrite", "--json"))
-        kernels = [("native", "1"), ("torch int4", "0")] if bits == 4 else [("torch int8", "0")]
-        for kernel, native in kernels:
-            env = {**os.environ, "LOWBIT_NATIVE": native}
-            raw = json.loads(sh(lowbit("bench", ckpt, "--json", "--threads", args.threads, "--repeats", args.repeats,
-                                       "--prompt-tokens", args.prompt, "--decode-tokens", args.decode), env))
-            label = f"lowbit W{bits}" + (f" g{group}" if bits == 4 else " per-channel") + f" ({kernel})"
-            rows.append({"row": label, "bits": bits, "prefill_median": raw["prefill_tok_s_median"],
-                         "prefill_best": raw["prefill_tok_s_max"], "decode_median": raw["decode_tok_s_median"],
-                         "decode_best": raw["decode_tok_s_max"], "size_bytes": raw["size_bytes"],
-                         "bytes_per_token": raw["resident_weights_bytes"], "kv_cache_bytes": raw["kv_cache_bytes"],
-                         "rss_after_load": raw["rss_after_load_bytes"], "rss_before_load": raw["rss_before_load_bytes"]})
+        env = {k: v for k, v in os.environ.items() if k != "LOWBIT_NATIVE"}
+        if native:
+            env["LOWBIT_NATIVE"] = native
+        raw = json.loads(sh(lowbit("bench", ckpt, "--json", "--threads", args.threads, "--repeats", args.repeats,
+                                   "--prompt-tokens", args.prompt, "--decode-tokens", args.decode), env))
+        label = f"lowbit W{bits}" + (f" g{group}" if bits == 4 else " per-channel")
+        label += " (PyTorch loop)" if native == "0" else ""
+        rows.append({"row": label, "bits": bits, "prefill_median": raw["prefill_tok_s_median"],
+                     "prefill_best": raw["prefill_tok_s_max"], "decode_median": raw["decode_tok_s_median"],
+                     "decode_best": raw["decode_tok_s_max"], "size_bytes": raw["size_bytes"],
+                     "bytes_per_token": raw["resident_weights_bytes"], "kv_cache_bytes": raw["kv_cache_bytes"],
+                     "rss_after_load": raw["rss_after_load_bytes"], "rss_before_load": raw["rss_before_load_bytes"]})
     return rows
 
 
@@ -152,7 +153,8 @@ def main() -> None:
             r["ceiling_tok_s"] = bandwidth * 1e9 / r["bytes_per_token"]
     (args.out / "speed.json").write_text(json.dumps({"copy_bandwidth_gbs": bandwidth, "threads": args.threads,
                                                       "rows": rows}, indent=2))
-    print(f"\nsmollm2-135m, {args.threads} threads, prompt {args.prompt}, decode {args.decode}, {args.repeats} repeats;"
+    print(f"\nsmollm2-135m, {args.threads} threads, prompt {args.prompt}, decode {args.decode} after it,"
+          f" {args.repeats} repeats;"
           f" copy bandwidth {bandwidth:.1f} GB/s (read+write)")
     header = (f"{'row':<32}{'prefill tok/s':>16}{'decode tok/s':>16}{'vs llama.cpp (pre/dec)':>24}"
               f"{'MB/token':>10}{'ceiling tok/s':>15}{'RSS-base MB':>13}{'disk MB':>9}")

@@ -8,6 +8,8 @@ One step computes, for each block,
     x = RMSNorm(h);  h = h + (SiLU(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
 
 Family differences are data (:data:`FAMILIES`); other families use transformers' own forward.
+Single-token steps run in one call of lowbit's compiled ``DecodeStep`` (``csrc/decode_step.cpp``)
+when every projection uses a kernel it can call; prompts (and anything else) run the PyTorch code below.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.runtime.kernels import Int8Linear, fast_linear
+from lowbit.runtime.kernels import DenseLinear, Int4Linear, Int8Linear, fast_linear
+from lowbit.runtime.native import decode_step_module
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
 
@@ -32,6 +35,8 @@ class Family:
 
 
 FAMILIES = {"llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True)}
+
+ATTENTION_CHUNK = 256
 
 WeightQuantizer = Callable[[torch.Tensor, Optional[torch.Tensor], torch.dtype], nn.Module]
 
@@ -50,6 +55,17 @@ def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype)
     weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
     weight = torch.cat([w.detach().float() for w in weights])
     return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
+
+
+def _step_operands(m: nn.Module):
+    """(kind, a, b, group) of a projection as ``DecodeStep`` takes it, or None for kernels it does not call."""
+    if isinstance(m, Int4Linear):
+        return 1, m.packed, m.scale_zero, m.group_size
+    if isinstance(m, Int8Linear):
+        return 2, m.q, m.scale, 0
+    if isinstance(m, DenseLinear):
+        return 0, m.weight, m.weight, 0
+    return None
 
 
 class _Block(nn.Module):
@@ -106,6 +122,30 @@ class LeanDecoder(nn.Module):
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
+        self.step = self._compiled_step(cos[0], sin[0])
+
+    def _compiled_step(self, cos: torch.Tensor, sin: torch.Tensor):
+        """The one-call decode step over this decoder's weights and cache, or None where it cannot run."""
+        linears = [m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
+        if self.dtype != torch.bfloat16 or not all(_step_operands(m) for m in linears):
+            return None
+        module = decode_step_module()
+        if module is None:
+            return None
+        step = module.DecodeStep(
+            self.heads, self.kv_heads, self.head_dim, self.eps, cos, sin, self.k_cache, self.v_cache, self.norm
+        )
+        for b in self.blocks:
+            ops = [_step_operands(m) for m in (b.qkv, b.o, b.gate_up, b.down)]
+            kinds, a, bb, groups = (list(x) for x in zip(*ops))
+            biases = [m.bias for m in (b.qkv, b.o, b.gate_up, b.down)]
+            step.add_block(kinds, a, bb, groups, biases, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm)
+        step.set_head(*_step_operands(self.lm_head), self.lm_head.bias)
+        if self.shared_embedding:
+            step.set_embedding(self.lm_head.q, self.lm_head.scale)
+        else:
+            step.set_embedding(self.embed.contiguous(), None)
+        return step
 
     @staticmethod
     def supports(hf_model: nn.Module) -> bool:
@@ -125,15 +165,27 @@ class LeanDecoder(nn.Module):
         return x * cos + rotated * sin
 
     def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """Attention of q [1, heads, T, d] over cached positions [0, start + T)."""
+        """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal.
+
+        Written as two bf16 matmuls per chunk of query rows (the query heads sharing a key/value head
+        stacked into one matrix): on CPU this is ~2x faster than the fused SDPA kernel for prompts,
+        and the chunks bound the score matrix to heads × 256 × context floats.
+        """
         end = start + T
-        k, v = self.k_cache[i, :, :, :end], self.v_cache[i, :, :, :end]
+        k, v = self.k_cache[i, 0, :, :end], self.v_cache[i, 0, :, :end]
         if T == 1:
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        if start == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        mask = torch.ones(T, end, dtype=torch.bool).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k[None], v[None], enable_gqa=True)
+        rep, d = self.heads // self.kv_heads, self.head_dim
+        out = torch.empty_like(q)
+        for r0 in range(0, T, ATTENTION_CHUNK):
+            r1 = min(T, r0 + ATTENTION_CHUNK)
+            n, ctx = r1 - r0, start + r1
+            qc = q[0, :, r0:r1].reshape(self.kv_heads, rep * n, d)
+            scores = (qc @ k[:, :ctx].transpose(1, 2)).float().view(self.heads, n, ctx) * d**-0.5
+            causal = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0)
+            probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(q.dtype)
+            out[0, :, r0:r1] = (probs.view(self.kv_heads, rep * n, ctx) @ v[:, :ctx]).view(self.heads, n, d)
+        return out
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
@@ -141,6 +193,8 @@ class LeanDecoder(nn.Module):
         T = ids.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
+        if T == 1 and self.step is not None:
+            return self.step.forward(int(ids[0, 0]), start)[None]
         h = self._embed(ids)
         cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
         for i, b in enumerate(self.blocks):

@@ -102,6 +102,11 @@ class Int4Linear(_FastLinear):
         return unpack_int4_cpu_layout(self.packed, self.out_features, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
+        from lowbit.runtime.native import decode_step_module
+
+        native = decode_step_module()
+        if native is not None and self.dtype == torch.bfloat16:
+            return native.int4_dequantize(self.packed, self.scale_zero, self.group_size, self.out_features, self.in_features)
         g = self.group_size
         u = self.unpacked_codes().to(self.dtype).reshape(self.out_features, -1, g)
         s = self.scale_zero[..., 0].t().unsqueeze(-1)

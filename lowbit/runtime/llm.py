@@ -47,7 +47,7 @@ class LLM:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ):
-        from lowbit.models.loader import load_model
+        from lowbit.models.loader import import_model_code, load_model
 
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
@@ -57,8 +57,9 @@ class LLM:
             torch.set_num_threads(threads)
         from lowbit.evaluation.footprint import current_rss_bytes
 
-        self.rss_before_load_bytes = current_rss_bytes()
         start = time.perf_counter()
+        import_model_code(model)
+        self.rss_before_load_bytes = current_rss_bytes()
         hf_model, self.tokenizer, self.source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
         if quantization is not None and self.source.quantized:
             raise LowbitError(f"{model} is already quantized; drop --quantization")

@@ -51,3 +51,63 @@ def test_a_tied_int8_head_also_serves_as_the_embedding(quantized_model):
     assert shared.shared_embedding and shared.embed is None
     a, b = plain(ids, 0, last_only=False), shared(ids, 0, last_only=False)
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+
+
+def _family_model(family: str, vocab: int):
+    """Tiny models of the other supported families: Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms)."""
+    import transformers
+
+    config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
+    model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    model = model_cls(config).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)  # Qwen2 initialises its q/k/v biases to zero: make them count
+    return model
+
+
+@pytest.mark.parametrize("case", ["llama int4", "llama dense", "llama int4 + int8 head", "qwen2 int4", "qwen3 int4"])
+def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokenizer):
+    """One-call C++ decode steps give the logits of the PyTorch path, deep into the cache (several chunks)."""
+    from lowbit.runtime.onthefly import quantizer_for
+
+    family, body = case.split()[:2]
+    if family == "llama":
+        model = make_model(len(tiny_tokenizer), hidden=128, intermediate=256)
+        model.config.max_position_embeddings = 512
+    else:
+        model = _family_model(family, len(tiny_tokenizer))
+    if body == "int4":
+        quantize_blocks(model, make_scheme(4, 64), get_method("rtn"))
+    head = quantizer_for("int8") if case.endswith("int8 head") else None
+    decoder = LeanDecoder(model, max_len=320, quantize_head=head)
+    if decoder.step is None:
+        pytest.skip("lowbit's native code cannot be built on this machine")
+    ids = torch.randint(0, model.config.vocab_size, (1, 304))
+    decoder(ids[:, :300], 0)
+    compiled = [decoder(ids[:, i : i + 1], i)[0, -1] for i in range(300, 304)]
+    step, decoder.step = decoder.step, None
+    decoder(ids[:, :300], 0)
+    reference = [decoder(ids[:, i : i + 1], i)[0, -1] for i in range(300, 304)]
+    decoder.step = step
+    for a, b in zip(compiled, reference):
+        assert float((a - b).abs().max()) < 0.03 * float(b.abs().max())
+        assert int(a.argmax()) == int(b.argmax())
+
+
+def test_chunked_prompt_attention_equals_one_chunk(quantized_model, monkeypatch):
+    import lowbit.runtime.decoder as decoder_module
+
+    ids = torch.randint(0, quantized_model.config.vocab_size, (1, 40))
+    decoder = LeanDecoder(quantized_model, max_len=64)
+    decoder(ids[:, :7], 0)
+    whole = decoder(ids[:, 7:], 7, last_only=False)
+    monkeypatch.setattr(decoder_module, "ATTENTION_CHUNK", 5)
+    decoder(ids[:, :7], 0)
+    chunked = decoder(ids[:, 7:], 7, last_only=False)
+    torch.testing.assert_close(chunked, whole, rtol=0.01, atol=0.01)

@@ -80,3 +80,20 @@ def test_fp8_is_close_to_the_weight():
     y = Fp8Linear(w)(x).float()
     ref = x.float() @ w.t()
     assert float((y - ref).abs().max()) <= 0.1 * float(ref.abs().max())
+
+
+def test_native_int4_unpacking_matches_the_portable_one():
+    from lowbit.runtime.native import decode_step_module
+
+    if decode_step_module() is None:
+        pytest.skip("lowbit's native code cannot be built on this machine")
+    qw = quantize(torch.randn(192, 320), make_scheme(4, 64, symmetric=False).weights)
+    layer = Int4Linear(qw)
+    native = layer.dequantized()
+    g = layer.group_size
+    u = layer.unpacked_codes().float().reshape(192, -1, g)
+    s, m = (layer.scale_zero[..., i].t().float().unsqueeze(-1) for i in (0, 1))
+    portable = ((u - 8) * s + m).reshape(192, 320)
+    torch.testing.assert_close(native.float(), portable, rtol=0.01, atol=1e-6)
+    exact = dequantize(qw, torch.float32)  # bf16 scales and offsets: errors up to ~1% of the largest weight
+    assert float((native.float() - exact).abs().max()) <= 0.01 * float(exact.abs().max())
