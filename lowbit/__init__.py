@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from lowbit.api import evaluate, quantize  # noqa: E402
+from lowbit.api import compress, evaluate, quantize  # noqa: E402
+from lowbit.compression import compress_weights  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.runtime.llm import LLM, RequestOutput  # noqa: E402
 from lowbit.runtime.sampling import SamplingParams  # noqa: E402
@@ -32,6 +33,8 @@ __all__ = [
     "W4A16",
     "W4A16_ASYM",
     "W8A16",
+    "compress",
+    "compress_weights",
     "evaluate",
     "quantize",
 ]

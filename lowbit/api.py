@@ -42,6 +42,7 @@ class QuantizeResult:
     layers: int
     fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    distribution: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,29 +130,103 @@ def quantize(
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(quant_time, 1),
     }
+    result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
+    result.method, result.scheme, result.layers = algorithm.name, scheme.describe(), len(report.layers)
+    result.fallbacks, result.notes = fallbacks, consumer_notes(scheme)
+    return (result, hf_model, tokenizer) if return_model else result
+
+
+def _save(hf_model, tokenizer, output_dir, overwrite: bool, record: dict, start: float) -> QuantizeResult:
+    """Write the checkpoint atomically (when asked) and measure what the caller describes."""
     size = None
     if output_dir is not None:
         with atomic_output_dir(Path(output_dir), overwrite) as staging:
             save_quantized(hf_model, tokenizer, staging, record)
         size = folder_size(Path(output_dir))
-    result = QuantizeResult(
+    return QuantizeResult(
         output_dir=None if output_dir is None else str(output_dir),
-        method=algorithm.name,
-        scheme=scheme.describe(),
+        method="",
+        scheme="",
         bits_per_weight=bits_per_weight(hf_model),
         size_bytes=size,
         wall_time_s=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
-        layers=len(report.layers),
-        fallbacks=fallbacks,
-        notes=consumer_notes(scheme),
+        layers=0,
     )
+
+
+def compress(
+    model: str,
+    output_dir: Union[str, Path, None] = None,
+    mode: str = "int4_sym",
+    group_size: Optional[int] = 128,
+    ratio: float = 1.0,
+    method: str = "rtn",
+    sensitivity_metric: Optional[str] = None,
+    all_layers: bool = False,
+    dataset: Optional[str] = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+    ignore: tuple = (),
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    return_model: bool = False,
+):
+    """Data-free weight compression of ``model`` into a checkpoint: ``ratio`` of the decoder's
+    parameters on the ``mode`` grid, the most sensitive rest in int8 (see :func:`lowbit.compress_weights`).
+
+    ``dataset`` (a text name such as "shakespeare") makes the sensitivity data-aware.
+    """
+    from lowbit.compression import compress_weights, mode_args
+
+    start = time.perf_counter()
+    mode_args(mode, group_size or None)  # reject a bad mode before loading anything
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), overwrite)
+    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
+    windows, calib_record = None, None
+    if dataset:
+        text = calibration_text(dataset)
+        windows = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
+        calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    with progress_bar(f"compress {mode} ratio {ratio}", progress) as step:
+        report = compress_weights(
+            hf_model, mode, group_size or None, ratio, sensitivity_metric, all_layers, windows, method,
+            tuple(ignore), on_layer=step,
+        )
+    record = {
+        "lowbit_version": lowbit.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source_model": model,
+        "method": method,
+        "mode": mode,
+        "group_size": group_size,
+        "ratio": ratio,
+        "sensitivity_metric": report.sensitivity_metric,
+        "all_layers": all_layers,
+        "calibration": calib_record,
+        "ignored": list(ignore),
+        "layers": [asdict(layer) for layer in report.layers],
+        "quantization_wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
+    result.method, result.layers = method, len(report.layers)
+    result.scheme = f"{mode} g{group_size} ratio {ratio}" if group_size else f"{mode} per-channel ratio {ratio}"
+    result.distribution = report.distribution()
+    primary = mode_args(mode, group_size or None)
+    result.notes = consumer_notes(make_scheme(primary.num_bits, group_size, primary.symmetric, grid=primary.type))
     return (result, hf_model, tokenizer) if return_model else result
 
 
 def consumer_notes(scheme: QuantizationScheme) -> list[str]:
     """What known consumers of the checkpoint cannot read, and why."""
     w = scheme.weights
+    if w.is_codebook:
+        return [f"{w.describe().split()[0]} is a lowbit extension of compressed-tensors (format 'lowbit-codebook'):"
+                " lowbit loads it, transformers and vLLM do not"]
     if not w.symmetric and w.num_bits < 8:
         return [
             "transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric pack-quantized checkpoints"

@@ -1,9 +1,10 @@
-"""Algorithms that choose where weights land on a scheme's grid (RTN, GPTQ), behind one registry."""
+"""Algorithms that choose where weights land on a scheme's grid (RTN, HQQ, GPTQ), behind one registry."""
 
 from dataclasses import dataclass
 from typing import Callable
 
 from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import LowbitError
 
@@ -21,6 +22,7 @@ class Method:
 
 METHODS = {
     "rtn": Method("rtn", rtn_quantize, False, False, "round-to-nearest, no data, seconds"),
+    "hqq": Method("hqq", hqq_quantize, False, False, "HQQ: scale and zero point fitted without data (half-quadratic)"),
     "gptq": Method("gptq", gptq_quantize, True, True, "GPTQ: Hessian-aware rounding from calibration text"),
 }
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from lowbit.schemes.args import QuantizationArgs
-from lowbit.schemes.grid import QuantizedWeight, fit_qparams, quantize_with
+from lowbit.schemes.grid import QuantizedWeight, dequantize_with, fit_qparams, quantize_with
 
 
 class HessianAccumulator:
@@ -117,7 +117,7 @@ def gptq_quantize(
             z = None if zero is None else zero[:, j]
             w = W1[:, i]
             q = quantize_with(w[:, None], s, z, args)[:, 0]
-            w_hat = (q.float() - (0 if z is None else z.float())) * s.float()
+            w_hat = dequantize_with(q[:, None], s, z, args=args)[:, 0]
             d = U1[i, i]
             err = (w - w_hat) / d
             losses += err**2 / 2

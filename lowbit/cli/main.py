@@ -51,7 +51,7 @@ def _quiet_transformers() -> None:
 def quantize(
     model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
     output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
-    method: str = typer.Option("gptq", help="rtn (no data) or gptq (calibrated)"),
+    method: str = typer.Option("gptq", help="rtn or hqq (no data), gptq (calibrated)"),
     bits: int = typer.Option(4, help="weight bits: 2, 3, 4 or 8"),
     group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
@@ -98,6 +98,43 @@ def quantize(
         emit_json(result)
     else:
         print_table(quantize_table(result))
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="model to compress: folder, .gguf file, hub id, or smollm2-135m"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
+    mode: str = typer.Option("int4_sym", help="grid: int4_sym, int4_asym, nf4, fp4, int3_sym/asym, int2_asym, int8_sym/asym"),
+    group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
+    ratio: float = typer.Option(1.0, help="share of the parameters in MODE; the most sensitive rest stays int8"),
+    method: str = typer.Option("rtn", help="data-free rounding: rtn or hqq"),
+    sensitivity: Optional[str] = typer.Option(
+        None, help="weight_error (no data, default) or hessian_input_activation (needs --dataset)"
+    ),
+    dataset: Optional[str] = typer.Option(None, help="calibration text for data-aware sensitivity, e.g. shakespeare"),
+    nsamples: int = typer.Option(32, help="calibration windows for --dataset"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    all_layers: bool = typer.Option(False, "--all-layers", help="rank an untied lm_head with the other layers"),
+    ignore: List[str] = typer.Option([], help="keep this Linear in full precision (name or re:regex)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Data-free weight compression (seconds): MODE for RATIO of the parameters, int8 for the most sensitive rest."""
+    from lowbit import api
+    from lowbit.cli.report import distribution_table, emit_json, print_table, quantize_table
+
+    _quiet_transformers()
+    result = api.compress(
+        model, output, mode, group_size or None, ratio, method, sensitivity, all_layers, dataset, nsamples, seqlen,
+        overwrite=overwrite, ignore=tuple(ignore), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    ).to_dict()
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(quantize_table(result))
+        print_table(distribution_table(result))
 
 
 def _eval_in_subprocess(model: str, argv: list[str]) -> dict:

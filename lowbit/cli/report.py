@@ -44,6 +44,16 @@ def quantize_table(result: dict) -> Table:
     return table
 
 
+def distribution_table(result: dict) -> Table:
+    """Bit-width distribution of a mixed-precision result: share of parameters and of layers per scheme."""
+    table = Table(title="bit-width distribution")
+    for column in ("scheme", "% of parameters", "% of layers", "layers"):
+        table.add_column(column, justify="left" if column == "scheme" else "right")
+    for row in result["distribution"]:
+        table.add_row(row["scheme"], f"{row['parameters_pct']:.1f}", f"{row['layers_pct']:.1f}", str(row["layers"]))
+    return table
+
+
 def eval_table(results: Iterable[dict]) -> Table:
     results = list(results)
     base = next((r["perplexity"] for r in results if r["perplexity"] is not None), None)

@@ -5,6 +5,11 @@ On disk (per quantized Linear ``name``):
 [out, in] (int-quantized, b = 8); ``name.weight_scale`` [out, groups]; for asymmetric grids
 ``name.weight_zero_point`` (packed along dim 0 when pack-quantized); ``name.weight_shape``.
 config.json carries ``quantization_config`` with one config group per distinct scheme.
+
+lowbit extension: NF4 and FP4 code-book layers (``type`` "nf" / "float") are stored exactly like
+4-bit pack-quantized ones (the packed value is the code, see :mod:`lowbit.schemes.codebooks`) in a
+config group whose format is ``lowbit-codebook``. compressed-tensors has no such format, so a
+checkpoint with such layers loads in lowbit only.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "lowbit_recipe.json"
 
 
+CODEBOOK_FORMAT = "lowbit-codebook"
+
+
 def _format(args: QuantizationArgs) -> str:
+    if args.is_codebook:
+        return CODEBOOK_FORMAT
     return "int-quantized" if args.num_bits == 8 else "pack-quantized"
 
 

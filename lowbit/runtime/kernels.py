@@ -92,6 +92,7 @@ class Int4Linear(_FastLinear):
         n, k = qw.shape
         return (
             qw.args.num_bits == 4
+            and not qw.args.is_codebook
             and qw.group_size in INT4_GROUP_SIZES
             and n % INT4_BLOCK_N == 0
             and _int4_layout_is_known()
@@ -151,7 +152,7 @@ class NativeInt4Linear(_FastLinear):
 
         n, k = qw.shape
         g = qw.group_size
-        return qw.args.num_bits == 4 and k % 64 == 0 and g % 32 == 0 and k % g == 0 and q4_kernels() is not None
+        return qw.args.num_bits == 4 and not qw.args.is_codebook and k % 64 == 0 and g % 32 == 0 and k % g == 0 and q4_kernels() is not None
 
     def dequantized(self) -> torch.Tensor:
         n, k, g = self.out_features, self.in_features, self.group_size
@@ -184,6 +185,7 @@ class Int8Linear(_FastLinear):
     def supports(qw: QuantizedWeight) -> bool:
         return (
             qw.args.num_bits == 8
+            and not qw.args.is_codebook
             and qw.args.strategy == "channel"
             and qw.zero_point is None
             and _has_op("_weight_int8pack_mm")

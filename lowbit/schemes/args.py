@@ -12,6 +12,7 @@ from typing import Optional
 from lowbit.errors import LowbitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+GRID_TYPES = ("int", "float", "nf")  # "float" with 4 bits = FP4 E2M1; "nf" = NF4 (lowbit extension)
 STRATEGIES = ("channel", "group")
 ACTORDERS = (None, "weight")
 OBSERVERS = ("minmax", "mse")
@@ -37,8 +38,10 @@ class QuantizationArgs:
     observer: str = "minmax"
 
     def __post_init__(self) -> None:
-        if self.type != "int":
-            raise LowbitError(f"weight type {self.type!r} is not supported yet; use 'int'")
+        if self.type not in GRID_TYPES:
+            raise LowbitError(f"weight type {self.type!r} is not supported; choose one of {', '.join(GRID_TYPES)}")
+        if self.type != "int" and (self.num_bits != 4 or not self.symmetric):
+            raise LowbitError(f"{self.type!r} weights are 4-bit and symmetric (NF4 and FP4 code books)")
         if self.num_bits not in SUPPORTED_BITS:
             raise LowbitError(
                 f"{self.num_bits}-bit weights are not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
@@ -78,12 +81,18 @@ class QuantizationArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def is_codebook(self) -> bool:
+        return self.type != "int"
+
     def describe(self) -> str:
-        grid = "sym" if self.symmetric else "asym"
+        grid = {"nf": "nf4", "float": "fp4"}.get(self.type) or f"int{self.num_bits} " + (
+            "sym" if self.symmetric else "asym"
+        )
         where = "per-channel" if self.strategy == "channel" else f"g{self.group_size}"
         order = ", act-order" if self.actorder else ""
         mse = ", mse" if self.observer == "mse" else ""
-        return f"int{self.num_bits} {grid} {where}{order}{mse}"
+        return f"{grid} {where}{order}{mse}"
 
 
 @dataclass(frozen=True)
@@ -106,12 +115,14 @@ def make_scheme(
     symmetric: bool = True,
     actorder: Optional[str] = "weight",
     observer: str = "mse",
+    grid: str = "int",
 ) -> QuantizationScheme:
     """Build a weight-only scheme from CLI-style options (``group_size`` None or 0 = per-channel).
 
     Defaults chosen by measurement on SmolLM2 (W4 g64, held-out Austen): act-order with static
     groups (GPTQ only; algorithms without a column order drop it) lowers GPTQ's perplexity by ~5%,
-    and the MSE observer by another ~7% (RTN ~0.6%).
+    and the MSE observer by another ~7% (RTN ~0.6%). ``grid`` "nf" / "float" picks the NF4 / FP4
+    code books (4-bit, symmetric).
     """
     group_size = group_size or None
     return QuantizationScheme(
@@ -122,6 +133,7 @@ def make_scheme(
             group_size=group_size,
             actorder=actorder,
             observer=observer,
+            type=grid,
         )
     )
 

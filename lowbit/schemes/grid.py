@@ -6,7 +6,9 @@ a float ``scale`` and an integer ``zero_point`` per group, and
     w ≈ ŵ = (q - zero_point) · scale            q = clamp(round(w / scale) + zero_point)
 
 Symmetric grids have ``zero_point = 0`` and ``scale = max|w| / ((q_max - q_min) / 2)``;
-asymmetric grids stretch ``[min(w, 0), max(w, 0)]`` over all ``2^b`` levels.
+asymmetric grids stretch ``[min(w, 0), max(w, 0)]`` over all ``2^b`` levels. Code-book grids
+(NF4, FP4; see :mod:`lowbit.schemes.codebooks`) store a 4-bit code per weight and
+ŵ = level[q + 8] · scale with ``scale = max|w| / max|level|``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.codebooks import decode, levels, max_level, nearest_code
 
 
 @dataclass
@@ -46,11 +49,11 @@ MSE_NORM = 2.4
 
 def _range_qparams(w_min: torch.Tensor, w_max: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype):
     """Scale and zero point stretching [w_min, w_max] (per row) over the grid; symmetric uses max |w|."""
-    levels = args.q_max - args.q_min
+    steps = max_level(args.type) if args.is_codebook else (args.q_max - args.q_min) / 2
     if args.symmetric:
-        scale = (torch.maximum(-w_min, w_max) / (levels / 2)).to(dtype).float()
+        scale = (torch.maximum(-w_min, w_max) / steps).to(dtype).float()
         return torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype), None
-    scale = ((w_max - w_min) / levels).to(dtype).float()
+    scale = ((w_max - w_min) / (2 * steps)).to(dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.clamp(torch.round(args.q_min - w_min / scale), args.q_min, args.q_max)
     return scale.to(dtype), zero_point.to(torch.int8)
@@ -73,7 +76,7 @@ def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.d
     best_scale, best_zero = None, None
     for shrink in MSE_SHRINK:
         scale, zero = _range_qparams(w_min * shrink, w_max * shrink, args, dtype)
-        w_hat = dequantize_with(quantize_with(w, scale, zero, args), scale, zero)
+        w_hat = dequantize_with(quantize_with(w, scale, zero, args), scale, zero, args=args)
         err = (w_hat - w).abs().pow(MSE_NORM).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -87,16 +90,22 @@ def quantize_with(
     w: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], args: QuantizationArgs
 ) -> torch.Tensor:
     """Round ``w`` [rows, cols] onto the grid given per-row ``scale``/``zero_point`` [rows] → int8 q [rows, cols]."""
+    if args.is_codebook:
+        return nearest_code(w.float() / scale.float()[:, None], levels(args.type))
     z = 0.0 if zero_point is None else zero_point.float()[:, None]
     q = torch.round(w.float() / scale.float()[:, None]) + z
     return q.clamp_(args.q_min, args.q_max).to(torch.int8)
 
 
 def dequantize_with(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], dtype: torch.dtype = torch.float32
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: Optional[torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    args: Optional[QuantizationArgs] = None,
 ) -> torch.Tensor:
-    """ŵ = (q - z) · s for per-row ``scale``/``zero_point`` [rows] and q [rows, cols]."""
-    qf = q.float()
+    """ŵ = (q - z) · s (or level[q + 8] · s on a code-book grid) for per-row ``scale``/``zero_point`` [rows]."""
+    qf = decode(q, levels(args.type)) if args is not None and args.is_codebook else q.float()
     if zero_point is not None:
         qf = qf - zero_point.float()[:, None]
     return (qf * scale.float()[:, None]).to(dtype)
@@ -132,7 +141,7 @@ def dequantize(qw: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torc
     rows, cols = qw.q.shape
     g = qw.group_size
     z = None if qw.zero_point is None else qw.zero_point.reshape(-1)
-    w = dequantize_with(_groups(qw.q, g), qw.scale.reshape(-1), z, dtype)
+    w = dequantize_with(_groups(qw.q, g), qw.scale.reshape(-1), z, dtype, qw.args)
     return w.reshape(rows, cols)
 
 

@@ -1,0 +1,198 @@
+"""Data-free (or lightly data-aware) weight compression of a loaded model, NNCF style:
+
+    lowbit.compress_weights(model, mode="int4_asym", group_size=64, ratio=0.9)
+
+Every Linear in the decoder blocks is put on the ``mode`` grid by a data-free method (RTN or HQQ),
+except the most sensitive ones, which keep 8 bits until ``ratio`` of the parameters is in ``mode``
+(see :mod:`lowbit.algorithms.mixed_precision`). Modules are swapped for :class:`QuantLinear`
+in place, so the result saves with :func:`lowbit.formats.compressed_tensors.save_quantized`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from lowbit.algorithms import get_method
+from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS, LayerSensitivity, choose_primary, sensitivity
+from lowbit.calibration.sequential import target_linears
+from lowbit.errors import LowbitError
+from lowbit.models.architectures import architecture_of, decoder_blocks
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.grid import resolve_group_size
+
+# mode → (bits, symmetric, grid type); 8-bit modes are per-channel, as in NNCF.
+MODES = {
+    "int4_sym": (4, True, "int"),
+    "int4_asym": (4, False, "int"),
+    "nf4": (4, True, "nf"),
+    "fp4": (4, True, "float"),
+    "int3_sym": (3, True, "int"),
+    "int3_asym": (3, False, "int"),
+    "int2_asym": (2, False, "int"),
+    "int8_sym": (8, True, "int"),
+    "int8_asym": (8, False, "int"),
+}
+DATA_FREE_METHODS = ("rtn", "hqq")
+BACKUP = QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None, observer="minmax")
+
+
+@dataclass
+class CompressedLayer:
+    name: str
+    parameters: int
+    scheme: str
+    bits: int
+    sensitivity: Optional[float] = None
+
+
+@dataclass
+class CompressionReport:
+    mode: str
+    ratio: float
+    method: str
+    sensitivity_metric: Optional[str]
+    layers: list[CompressedLayer] = field(default_factory=list)
+
+    def distribution(self) -> list[dict]:
+        """Share of parameters and of layers at each bit-width (the table NNCF prints)."""
+        total_params = sum(l.parameters for l in self.layers) or 1
+        rows = []
+        for scheme in sorted({l.scheme for l in self.layers}):
+            members = [l for l in self.layers if l.scheme == scheme]
+            rows.append({
+                "scheme": scheme,
+                "parameters_pct": 100.0 * sum(l.parameters for l in members) / total_params,
+                "layers_pct": 100.0 * len(members) / len(self.layers),
+                "layers": len(members),
+            })
+        return rows
+
+
+def mode_args(mode: str, group_size: Optional[int], observer: str = "mse") -> QuantizationArgs:
+    """QuantizationArgs of a compression ``mode`` ("int4_sym", "nf4", …) with ``group_size`` (None = per-channel)."""
+    if mode not in MODES:
+        raise LowbitError(f"mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
+    bits, symmetric, grid = MODES[mode]
+    if bits == 8:
+        group_size = None
+    if group_size is not None and group_size < 1:
+        raise LowbitError(f"group size must be a positive integer, got {group_size}")
+    return QuantizationArgs(
+        num_bits=bits, type=grid, symmetric=symmetric, strategy="group" if group_size else "channel",
+        group_size=group_size, observer=observer,
+    )
+
+
+def _target_layers(model: nn.Module, all_layers: bool, ignore: tuple) -> tuple[dict[str, nn.Linear], dict[str, nn.Linear]]:
+    """(ranked layers, layers fixed at the backup precision): decoder linears, plus an untied lm_head."""
+    prefix, blocks = decoder_blocks(model)
+    ranked: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        ranked.update(target_linears(block, f"{prefix}.{i}", ignore))
+    fixed: dict[str, nn.Linear] = {}
+    arch = architecture_of(model)
+    head = model.get_submodule(arch.lm_head)
+    tied = head.weight is model.get_input_embeddings().weight
+    if isinstance(head, nn.Linear) and not tied and arch.lm_head not in ignore:
+        (ranked if all_layers else fixed)[arch.lm_head] = head
+    return ranked, fixed
+
+
+@torch.no_grad()
+def activation_second_moments(model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8):
+    """h_j = mean over tokens of x_j² for the input of each named Linear (the Hessian's diagonal / 2)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module, args, _output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        for batch in windows.split(batch_size):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+@torch.no_grad()
+def compress_weights(
+    model: nn.Module,
+    mode: str = "int4_sym",
+    group_size: Optional[int] = 128,
+    ratio: float = 1.0,
+    sensitivity_metric: Optional[str] = None,
+    all_layers: bool = False,
+    dataset: Optional[torch.Tensor] = None,
+    method: str = "rtn",
+    ignore: tuple = (),
+    on_layer: Optional[Callable[[int, int], None]] = None,
+) -> CompressionReport:
+    """Quantize ``model``'s Linears in place: ``ratio`` of the parameters in ``mode``, the rest int8.
+
+    ``dataset``: token windows [n, seqlen] for data-aware sensitivity (default metric then
+    ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
+    or "hqq" (data-free). ``all_layers``: rank an untied lm_head with the rest instead of keeping it int8.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise LowbitError(f"ratio must be between 0 and 1, got {ratio}")
+    if method not in DATA_FREE_METHODS:
+        raise LowbitError(f"compress takes a data-free method ({', '.join(DATA_FREE_METHODS)}); got {method!r}")
+    metric = sensitivity_metric or ("hessian_input_activation" if dataset is not None else "weight_error")
+    if metric not in SENSITIVITY_METRICS:
+        raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
+    if metric == "hessian_input_activation" and dataset is None:
+        raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
+    primary = mode_args(mode, group_size)
+    algorithm = get_method(method)
+    ranked, fixed = _target_layers(model, all_layers, tuple(ignore))
+    stats = None
+    if ratio < 1.0 and metric == "hessian_input_activation":
+        stats = activation_second_moments(model, list(ranked), dataset)
+
+    total = len(ranked) + len(fixed)
+    done = 0
+    primary_results, sensitivities = {}, []
+    for name, linear in ranked.items():
+        W = linear.weight.data
+        if not torch.isfinite(W).all():
+            raise LowbitError(f"layer {name} has NaN/Inf weights; the checkpoint is damaged, refusing to quantize")
+        qw, _ = algorithm.quantize(W, None, resolve_group_size(primary, linear.in_features))
+        primary_results[name] = qw
+        if ratio < 1.0:
+            act = None if stats is None else stats[name]
+            sensitivities.append(LayerSensitivity(name, W.numel(), sensitivity(W, qw.dequantize(torch.float32), act)))
+    chosen = set(ranked) if ratio >= 1.0 else choose_primary(sensitivities, ratio)
+    scores = {s.name: s.sensitivity for s in sensitivities}
+
+    report = CompressionReport(mode, ratio, method, metric if ratio < 1.0 else None)
+    for name, linear in {**ranked, **fixed}.items():
+        if name in chosen:
+            qw = primary_results[name]
+        else:
+            qw, _ = algorithm.quantize(linear.weight.data, None, BACKUP)
+        _swap(model, name, QuantLinear.from_quantized(qw, linear.bias))
+        report.layers.append(
+            CompressedLayer(name, linear.weight.numel(), qw.args.describe(), qw.args.num_bits, scores.get(name))
+        )
+        done += 1
+        if on_layer:
+            on_layer(done, total)
+    return report
