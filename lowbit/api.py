@@ -180,10 +180,10 @@ def compress(
 
     ``dataset`` (a text name such as "shakespeare") makes the sensitivity data-aware.
     """
-    from lowbit.compression import compress_weights, mode_args
+    from lowbit.compression import check_options, compress_weights, mode_args
 
     start = time.perf_counter()
-    mode_args(mode, group_size or None)  # reject a bad mode before loading anything
+    check_options(mode, group_size or None, ratio, method, sensitivity_metric, bool(dataset))
     if output_dir is not None:
         check_output_dir(Path(output_dir), overwrite)
     hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)

@@ -88,6 +88,23 @@ def mode_args(mode: str, group_size: Optional[int], observer: str = "mse") -> Qu
     )
 
 
+def check_options(
+    mode: str, group_size: Optional[int], ratio: float, method: str, metric: Optional[str], has_dataset: bool
+) -> str:
+    """Refuse bad options before any work; returns the sensitivity metric that will be used."""
+    mode_args(mode, group_size)
+    if not 0.0 <= ratio <= 1.0:
+        raise LowbitError(f"ratio must be between 0 and 1, got {ratio}")
+    if method not in DATA_FREE_METHODS:
+        raise LowbitError(f"compress takes a data-free method ({', '.join(DATA_FREE_METHODS)}); got {method!r}")
+    metric = metric or ("hessian_input_activation" if has_dataset else "weight_error")
+    if metric not in SENSITIVITY_METRICS:
+        raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
+    if metric == "hessian_input_activation" and not has_dataset:
+        raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
+    return metric
+
+
 def _target_layers(model: nn.Module, all_layers: bool, ignore: tuple) -> tuple[dict[str, nn.Linear], dict[str, nn.Linear]]:
     """(ranked layers, layers fixed at the backup precision): decoder linears, plus an untied lm_head."""
     prefix, blocks = decoder_blocks(model)
@@ -151,15 +168,7 @@ def compress_weights(
     ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
     or "hqq" (data-free). ``all_layers``: rank an untied lm_head with the rest instead of keeping it int8.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise LowbitError(f"ratio must be between 0 and 1, got {ratio}")
-    if method not in DATA_FREE_METHODS:
-        raise LowbitError(f"compress takes a data-free method ({', '.join(DATA_FREE_METHODS)}); got {method!r}")
-    metric = sensitivity_metric or ("hessian_input_activation" if dataset is not None else "weight_error")
-    if metric not in SENSITIVITY_METRICS:
-        raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
-    if metric == "hessian_input_activation" and dataset is None:
-        raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
+    metric = check_options(mode, group_size, ratio, method, sensitivity_metric, dataset is not None)
     primary = mode_args(mode, group_size)
     algorithm = get_method(method)
     ranked, fixed = _target_layers(model, all_layers, tuple(ignore))

@@ -3,7 +3,8 @@
 On disk (per quantized Linear ``name``):
 ``name.weight_packed`` int32 [out, ⌈in·b/32⌉] (pack-quantized, b ≤ 4) or ``name.weight`` int8
 [out, in] (int-quantized, b = 8); ``name.weight_scale`` [out, groups]; for asymmetric grids
-``name.weight_zero_point`` (packed along dim 0 when pack-quantized); ``name.weight_shape``.
+``name.weight_zero_point`` (packed along dim 0 when pack-quantized; HQQ's fitted zero points are
+floats, stored unpacked with ``zp_dtype`` in the config group); ``name.weight_shape``.
 config.json carries ``quantization_config`` with one config group per distinct scheme.
 
 lowbit extension: NF4 and FP4 code-book layers (``type`` "nf" / "float") are stored exactly like
@@ -51,6 +52,7 @@ def _args_dict(args: QuantizationArgs) -> dict:
         "actorder": args.actorder,
         "dynamic": args.dynamic,
         "observer": args.observer,
+        "zp_dtype": f"torch.{args.zp_dtype}" if args.zp_dtype else None,
         "block_structure": None,
         "observer_kwargs": {},
     }
@@ -65,6 +67,7 @@ def _args_from_dict(d: dict) -> QuantizationArgs:
             strategy=d.get("strategy") or ("group" if d.get("group_size") else "channel"),
             group_size=d.get("group_size"),
             actorder=d.get("actorder"),
+            zp_dtype=(d.get("zp_dtype") or "").removeprefix("torch.") or None,
         )
     except KeyError as exc:
         raise LowbitError(f"quantization_config lacks {exc}") from None
@@ -126,7 +129,9 @@ def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     else:
         out[f"{name}.weight_packed"] = pack_int32(layer.weight_q, args.num_bits)
         out[f"{name}.weight_shape"] = torch.tensor(list(layer.weight_q.shape), dtype=torch.int64)
-        if layer.weight_zero_point is not None:
+        if layer.weight_zero_point is not None and args.zp_dtype:
+            out[f"{name}.weight_zero_point"] = layer.weight_zero_point.contiguous()  # fitted floats: not packed
+        elif layer.weight_zero_point is not None:
             out[f"{name}.weight_zero_point"] = pack_int32(layer.weight_zero_point, args.num_bits, dim=0)
     if layer.bias is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
@@ -214,7 +219,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
         state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale").to(dtype)
         zp = tensors.pop(f"{name}.weight_zero_point", None)
         if zp is not None:
-            state[f"{name}.weight_zero_point"] = zp if args.num_bits == 8 else unpack_int32(
+            state[f"{name}.weight_zero_point"] = zp if args.num_bits == 8 or args.zp_dtype else unpack_int32(
                 zp, args.num_bits, state[f"{name}.weight_scale"].shape, dim=0
             )
         _set_module(model, name, layer)

@@ -29,7 +29,8 @@ class QuantLinear(nn.Module):
         n_groups = in_features // args.group_size_for(in_features)
         self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        zp = None if args.symmetric else torch.empty(out_features, n_groups, dtype=torch.int8, device=device)
+        zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
+        zp = None if args.symmetric else torch.empty(out_features, n_groups, dtype=zp_dtype, device=device)
         self.register_buffer("weight_zero_point", zp)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 

@@ -16,6 +16,7 @@ GRID_TYPES = ("int", "float", "nf")  # "float" with 4 bits = FP4 E2M1; "nf" = NF
 STRATEGIES = ("channel", "group")
 ACTORDERS = (None, "weight")
 OBSERVERS = ("minmax", "mse")
+FLOAT_ZP_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class QuantizationArgs:
     actorder: Optional[str] = None
     dynamic: bool = False
     observer: str = "minmax"
+    zp_dtype: Optional[str] = None  # None: integer zero points; "float32"/"bfloat16"/"float16": fitted floats (HQQ)
 
     def __post_init__(self) -> None:
         if self.type not in GRID_TYPES:
@@ -53,6 +55,10 @@ class QuantizationArgs:
                 raise LowbitError(f"group size must be a positive integer, got {self.group_size!r}")
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
+        if self.zp_dtype is not None and (self.symmetric or self.zp_dtype not in FLOAT_ZP_DTYPES):
+            raise LowbitError(
+                f"float zero points ({self.zp_dtype!r}) need an asymmetric grid and one of {', '.join(FLOAT_ZP_DTYPES)}"
+            )
         if self.observer not in OBSERVERS:
             raise LowbitError(f"observer {self.observer!r} is not supported; choose 'minmax' or 'mse'")
         if self.actorder not in ACTORDERS:
@@ -92,7 +98,8 @@ class QuantizationArgs:
         where = "per-channel" if self.strategy == "channel" else f"g{self.group_size}"
         order = ", act-order" if self.actorder else ""
         mse = ", mse" if self.observer == "mse" else ""
-        return f"{grid} {where}{order}{mse}"
+        zp = ", float zero points" if self.zp_dtype else ""
+        return f"{grid} {where}{order}{mse}{zp}"
 
 
 @dataclass(frozen=True)

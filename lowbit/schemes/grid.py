@@ -24,7 +24,8 @@ from lowbit.schemes.codebooks import decode, levels, max_level, nearest_code
 
 @dataclass
 class QuantizedWeight:
-    """A weight on a grid: ``q`` int8 [out, in], ``scale`` [out, groups], ``zero_point`` int8 [out, groups] or None."""
+    """A weight on a grid: ``q`` int8 [out, in], ``scale`` [out, groups], ``zero_point`` [out, groups] or None
+    (int8, or floating point when ``args.zp_dtype`` is set)."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -93,7 +94,7 @@ def quantize_with(
     if args.is_codebook:
         return nearest_code(w.float() / scale.float()[:, None], levels(args.type))
     z = 0.0 if zero_point is None else zero_point.float()[:, None]
-    q = torch.round(w.float() / scale.float()[:, None]) + z
+    q = torch.round(w.float() / scale.float()[:, None] + z)
     return q.clamp_(args.q_min, args.q_max).to(torch.int8)
 
 

@@ -112,3 +112,25 @@ def test_asymmetric_low_bit_checkpoints_say_which_consumer_cannot_read_them(tiny
                "--group-size", "32", "--asym", "--json")
     assert done.returncode == 0, done.stderr
     assert any("cannot load asymmetric" in note for note in json.loads(done.stdout)["notes"])
+
+
+def test_compress_prints_the_bit_width_distribution(tiny_model_dir, tmp_path):
+    out = tmp_path / "mixed"
+    done = run("compress", tiny_model_dir, "-o", out, "--mode", "int4_asym", "--group-size", "32", "--ratio", "0.6",
+               "--method", "hqq")
+    assert done.returncode == 0, done.stderr
+    assert "bit-width distribution" in done.stdout and "int8" in done.stdout and "int4 asym g32" in done.stdout
+    assert (out / "config.json").is_file()
+    done = run("compress", tiny_model_dir, "-o", tmp_path / "nf4", "--mode", "nf4", "--group-size", "32", "--json")
+    summary = json.loads(done.stdout)
+    assert summary["distribution"][0]["scheme"].startswith("nf4") and summary["distribution"][0]["parameters_pct"] == 100
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--mode", "int5"], "mode 'int5'"), (["--ratio", "1.5"], "ratio"), (["--method", "gptq"], "data-free")],
+)
+def test_compress_bad_options_fail_cleanly(tiny_model_dir, tmp_path, argv, message):
+    out = tmp_path / "never"
+    assert_clean_failure(run("compress", tiny_model_dir, "-o", out, *argv), message)
+    assert not out.exists()

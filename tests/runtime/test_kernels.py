@@ -97,3 +97,22 @@ def test_native_int4_unpacking_matches_the_portable_one():
     torch.testing.assert_close(native.float(), portable, rtol=0.01, atol=1e-6)
     exact = dequantize(qw, torch.float32)  # bf16 scales and offsets: errors up to ~1% of the largest weight
     assert float((native.float() - exact).abs().max()) <= 0.01 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("grid_or_method", ["nf", "float", "hqq"])
+def test_code_books_and_float_zero_points_run_correctly(grid_or_method):
+    from lowbit.algorithms import get_method
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 384)
+    if grid_or_method == "hqq":
+        qw, _ = get_method("hqq").quantize(w, None, make_scheme(4, 64, symmetric=False, actorder=None).weights)
+    else:
+        qw = quantize(w, make_scheme(4, 64, grid=grid_or_method).weights)
+    layer = fast_linear(qw)
+    if grid_or_method != "hqq":
+        assert type(layer) is DequantLinear  # no packed kernel reads a code book
+    for rows in (1, 17):
+        x = torch.randn(rows, 384).to(torch.bfloat16)
+        ref = reference(qw, x)
+        assert float((layer(x).float() - ref).abs().max()) <= 0.02 * float(ref.abs().max())

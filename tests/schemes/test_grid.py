@@ -52,7 +52,7 @@ def test_group_size_that_does_not_divide_falls_back_to_a_divisor():
         (dict(group_size=0), "group size"),
         (dict(group_size=-4), "group size"),
         (dict(actorder="group"), "g_idx"),
-        (dict(type="float"), "not supported"),
+        (dict(type="mx"), "not supported"),
     ],
 )
 def test_bad_schemes_are_refused_with_a_clear_message(kwargs, message):

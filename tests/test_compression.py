@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from lowbit.compression import compress_weights
+from lowbit.errors import LowbitError
+from lowbit.formats.compressed_tensors import load_quantized, save_quantized
+from lowbit.runtime.qlinear import QuantLinear
+
+from .conftest import make_model
+
+
+@pytest.fixture()
+def model(tiny_tokenizer):
+    return make_model(len(tiny_tokenizer), hidden=128, intermediate=256, layers=2)
+
+
+def _bits_share(model):
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    total = sum(m.weight_q.numel() for m in layers.values())
+    four = sum(m.weight_q.numel() for m in layers.values() if m.args.num_bits == 4)
+    return four / total, layers
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.6, 0.0])
+def test_ratio_of_parameters_goes_to_the_primary_mode(model, ratio):
+    report = compress_weights(model, "int4_sym", group_size=64, ratio=ratio)
+    share, layers = _bits_share(model)
+    assert len(layers) == 2 * 7
+    assert abs(share - ratio) < 0.15
+    dist = {row["scheme"].split()[0]: row for row in report.distribution()}
+    assert abs(sum(row["parameters_pct"] for row in dist.values()) - 100) < 1e-6
+    if 0 < ratio < 1:
+        assert {"int4", "int8"} <= set(dist)
+        assert abs(dist["int4"]["parameters_pct"] - 100 * share) < 1e-6
+
+
+def test_the_layers_kept_in_int8_are_the_most_sensitive(model):
+    report = compress_weights(model, "int4_sym", group_size=64, ratio=0.5)
+    four = [l.sensitivity for l in report.layers if l.bits == 4]
+    eight = [l.sensitivity for l in report.layers if l.bits == 8]
+    assert four and eight and max(four) <= min(eight)
+
+
+def test_data_aware_sensitivity_uses_activations(model, tiny_tokenizer):
+    windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
+    report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows)
+    assert report.sensitivity_metric == "hessian_input_activation"
+    assert all(l.sensitivity is not None and l.sensitivity >= 0 for l in report.layers)
+
+
+def test_data_aware_metric_without_data_is_refused(model):
+    with pytest.raises(LowbitError, match="needs a dataset"):
+        compress_weights(model, ratio=0.5, sensitivity_metric="hessian_input_activation")
+
+
+@pytest.mark.parametrize("mode, method", [("nf4", "rtn"), ("fp4", "rtn"), ("int4_asym", "hqq")])
+def test_compressed_checkpoints_load_back_with_the_same_logits(model, tiny_tokenizer, tmp_path, mode, method):
+    compress_weights(model, mode, group_size=64, ratio=0.8, method=method)
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save_quantized(model, tiny_tokenizer, tmp_path, {})
+    loaded, _ = load_quantized(tmp_path)
+    with torch.no_grad():
+        after = loaded(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
+    groups = loaded.config.quantization_config["config_groups"]
+    assert len(groups) >= 2  # one config group per scheme
+
+
+def test_unknown_mode_is_refused(model):
+    with pytest.raises(LowbitError, match="mode 'int5'"):
+        compress_weights(model, "int5")
