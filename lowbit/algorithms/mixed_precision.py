@@ -2,7 +2,7 @@
 
 Each quantizable layer ℓ gets a sensitivity: how much the primary (4-bit) grid hurts it, per weight,
 
-    weight_error:               S_ℓ = mean_ij (W_ij − ŵ_ij)²
+    weight_error:               S_ℓ = max_i mean_j (W_ij − ŵ_ij)²     (its worst output channel, as NNCF)
     hessian_input_activation:   S_ℓ = mean_ij h_j (W_ij − ŵ_ij)²,   h_j = mean_n x_nj²  (diag of XᵀX / n)
 
 Layers are then taken from the least sensitive up into the primary precision until ``ratio`` of
@@ -29,11 +29,16 @@ class LayerSensitivity:
 
 
 def sensitivity(W: torch.Tensor, W_hat: torch.Tensor, activation_sq: Optional[torch.Tensor] = None) -> float:
-    """Mean squared quantization error of W [out, in], weighted per input column by ``activation_sq`` [in]."""
+    """S_ℓ of W [out, in] quantized to W_hat: weight_error without ``activation_sq`` [in], else hessian_input_activation.
+
+    Measured on SmolLM2 (int4 g64, ratio 0.8, 16k held-out tokens): the worst-channel error ranks
+    better than the mean error without data (44.3 vs 45.7 perplexity), the activation-weighted mean
+    better than the activation-weighted worst channel with data (43.7 vs 44.2).
+    """
     err = (W.float() - W_hat.float()) ** 2
-    if activation_sq is not None:
-        err = err * activation_sq.float()[None, :]
-    return float(err.mean())
+    if activation_sq is None:
+        return float(err.mean(dim=1).max())
+    return float((err * activation_sq.float()[None, :]).mean())
 
 
 def choose_primary(layers: list[LayerSensitivity], ratio: float) -> set[str]:
