@@ -171,6 +171,9 @@ def quantize_blocks(
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"
         linears = target_linears(block, block_prefix, ignore)
+        if method.transform is not None:
+            arch = architecture_of(model)
+            method.transform(block, inputs, kwargs, scheme.weights, arch.smoothing, arch.norm_offset)
         hessians = _collect_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
         _quantize_linears(model, linears, scheme, method, hessians, report)
         if inputs is not None and (i + 1 < len(blocks) or include_lm_head):

@@ -1,0 +1,167 @@
+"""AWQ: activation-aware per-channel scaling, then weight clipping, searched per decoder block.
+
+Lin et al. (2023). For each :class:`~lowbit.models.architectures.Smoothing` (an op feeding some
+linears), with x̄_j = mean |x_j| the input channels' mean magnitude over the calibration tokens:
+
+    s(α) = x̄^α / √(max x̄^α · min x̄^α),     α ∈ {0, 1/n, …, (n−1)/n}
+    α*   = argmin_α ‖ M(X; Q(W·diag s)·diag s⁻¹) − M(X; W) ‖²      (M: the ``inspect`` module)
+
+then the balance linears keep W·diag s and the previous op's output channels are divided by s
+(a norm's weight, or a Linear's rows and bias), which leaves the full-precision function unchanged
+and makes the salient input channels cheaper to quantize. Next, for every linear except q/k
+(whose errors softmax forgives), each output row and group gets a clipping range:
+
+    m* = argmin_{m = (1 − k/n_c)·max|w_g|}  Σ_tokens ( x_g·(Q(clamp(w_g, ±m)) − w_g) )²
+
+The weights are left transformed in full precision; the rounding method (RTN or GPTQ) runs after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from lowbit.models.architectures import Smoothing
+from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.grid import dequantize, quantize, resolve_group_size
+
+N_GRID = 20
+N_CLIP = 20
+MAX_CLIP_SHRINK = 0.5
+CLIP_TOKENS = 512
+SEARCH_TOKENS = 8192  # calibration tokens the searches run on (the first batches): ~10 s per SmolLM2 block
+NO_CLIP = ("q_proj", "k_proj")
+
+
+def fake_quantize(W: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
+    """Q(W): W on the grid (min-max ranges, as the search needs speed) and back, float32."""
+    args = replace(resolve_group_size(args, W.shape[1]), observer="minmax", actorder=None)
+    return dequantize(quantize(W.float(), args), torch.float32)
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def _capture(block: nn.Module, inputs: list, kwargs: dict, modules: dict[str, nn.Module], rows: int = 0):
+    """Inputs of each named module for every calibration batch: (args, kwargs) calls, or with
+    ``rows`` > 0 just that many evenly spaced input rows per module (a [rows, in] tensor)."""
+    seen: dict[str, list] = {name: [] for name in modules}
+
+    def record(_module, a, k, name):
+        if not rows:
+            seen[name].append((a, k))
+            return
+        x = _first(a) if a else k["hidden_states"]
+        x = x.reshape(-1, x.shape[-1])
+        seen[name].append(x[torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0])).long()].clone())
+
+    handles = [
+        m.register_forward_pre_hook(lambda _m, a, k, name=name: record(_m, a, k, name), with_kwargs=True)
+        for name, m in modules.items()
+    ]
+    try:
+        for x in inputs:
+            block(x, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _scale_previous(previous: nn.Module, s: torch.Tensor, norm_offset: float) -> None:
+    """Divide the output channels of ``previous`` by s (a norm computes (offset + weight) · x̂)."""
+    if isinstance(previous, nn.Linear):
+        previous.weight.data.div_(s[:, None].to(previous.weight.dtype))
+        if previous.bias is not None:
+            previous.bias.data.div_(s.to(previous.bias.dtype))
+    else:
+        w = previous.weight.data
+        w.copy_((w.float() + norm_offset) / s - norm_offset)
+
+
+@torch.no_grad()
+def search_scales(inspect: nn.Module, calls: list, balance: list[nn.Linear], args: QuantizationArgs) -> torch.Tensor:
+    """s(α*) for one smoothing (see the module docstring); ``calls`` are the inspect module's inputs."""
+    x_abs = None
+    count = 0
+    for a, k in calls:
+        x = _first(a) if a else k["hidden_states"]
+        x = x.reshape(-1, x.shape[-1]).float()
+        x_abs = x.abs().sum(dim=0) if x_abs is None else x_abs + x.abs().sum(dim=0)
+        count += x.shape[0]
+    x_mean = x_abs / count
+    reference = [_first(inspect(*a, **k)) for a, k in calls]
+    originals = [layer.weight.data.clone() for layer in balance]
+    best_err, best_s = float("inf"), torch.ones_like(x_mean)
+    for r in range(N_GRID):
+        s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        for layer, W in zip(balance, originals):
+            layer.weight.data = (fake_quantize(W.float() * s, args) / s).to(W.dtype)
+        err = sum(float((_first(inspect(*a, **k)) - ref).float().pow(2).mean()) for (a, k), ref in zip(calls, reference))
+        if err < best_err:
+            best_err, best_s = err, s
+    for layer, W in zip(balance, originals):
+        layer.weight.data = W
+    return best_s
+
+
+@torch.no_grad()
+def search_clip(W: torch.Tensor, X: torch.Tensor, args: QuantizationArgs, rows_per_chunk: int = 128) -> torch.Tensor:
+    """W [out, in] clamped per (row, group) to the range minimising the group outputs' error on X [n, in]."""
+    args = resolve_group_size(args, W.shape[1])
+    g = args.group_size_for(W.shape[1])
+    out_features, in_features = W.shape
+    Xg = X.float().reshape(X.shape[0], in_features // g, g)
+    clipped = torch.empty_like(W)
+    for r0 in range(0, out_features, rows_per_chunk):
+        Wc = W[r0 : r0 + rows_per_chunk].float()
+        Wg = Wc.reshape(Wc.shape[0], -1, g)
+        reference = torch.einsum("ngk,ogk->nog", Xg, Wg)
+        max_abs = Wg.abs().amax(dim=-1, keepdim=True)
+        best_err = torch.full(max_abs.shape[:2], float("inf"))
+        best_max = max_abs.clone()
+        for k in range(int(N_CLIP * MAX_CLIP_SHRINK)):
+            m = max_abs * (1 - k / N_CLIP)
+            Q = fake_quantize(torch.maximum(torch.minimum(Wg, m), -m).reshape_as(Wc), args).reshape_as(Wg)
+            err = (torch.einsum("ngk,ogk->nog", Xg, Q) - reference).pow(2).mean(dim=0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], m, best_max)
+        clipped[r0 : r0 + rows_per_chunk] = torch.maximum(torch.minimum(Wg, best_max), -best_max).reshape_as(Wc)
+    return clipped.to(W.dtype)
+
+
+@torch.no_grad()
+def awq_transform_block(
+    block: nn.Module, inputs: list, kwargs: dict, args: QuantizationArgs, smoothings: tuple[Smoothing, ...],
+    norm_offset: float = 0.0,
+) -> None:
+    """Smooth then clip the block's linears in place (full precision); see the module docstring."""
+    batches, tokens = [], 0
+    for x in inputs:
+        if tokens >= SEARCH_TOKENS:
+            break
+        batches.append(x)
+        tokens += x.shape[0] * x.shape[1]
+    applicable = []
+    for sm in smoothings:
+        previous = block.get_submodule(sm.previous)
+        balance = [block.get_submodule(name) for name in sm.balance]
+        width = previous.out_features if isinstance(previous, nn.Linear) else previous.weight.shape[0]
+        if all(layer.in_features == width for layer in balance):  # e.g. v → o does not apply under GQA
+            applicable.append((sm, previous, balance))
+    calls = _capture(block, batches, kwargs, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
+    for sm, previous, balance in applicable:
+        s = search_scales(block.get_submodule(sm.inspect), calls[sm.inspect], balance, args)
+        _scale_previous(previous, s, norm_offset)
+        for layer in balance:
+            layer.weight.data.mul_(s.to(layer.weight.dtype))
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in NO_CLIP}
+    seen = _capture(block, batches, kwargs, linears, rows=max(1, CLIP_TOKENS // len(batches)))
+    for name, layer in linears.items():
+        layer.weight.data = search_clip(layer.weight.data, torch.cat(seen[name]), args)

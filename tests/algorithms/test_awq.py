@@ -1,0 +1,91 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from lowbit.algorithms import get_method
+from lowbit.algorithms.awq import awq_transform_block, fake_quantize, search_clip
+from lowbit.calibration.sequential import quantize_blocks
+from lowbit.models.architectures import architecture_of
+from lowbit.schemes import make_scheme
+
+from ..conftest import make_model
+
+
+def _salient_model(vocab):
+    """A tiny Llama whose inputs have a few large channels, the situation AWQ is for."""
+    model = make_model(vocab, hidden=128, intermediate=256)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[:4] = 20.0
+    return model
+
+
+def _block_inputs(model, ids):
+    captured = []
+    handle = model.model.layers[0].register_forward_pre_hook(
+        lambda m, a, k: captured.append((a[0] if a else k["hidden_states"], k)), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x, kwargs = captured[0]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+    return [x], kwargs
+
+
+def test_smoothing_keeps_the_full_precision_function(tiny_tokenizer, monkeypatch):
+    """Scales moved from the norms into the linears change nothing before rounding."""
+    import lowbit.algorithms.awq as awq
+
+    monkeypatch.setattr(awq, "search_clip", lambda W, X, args: W)  # smoothing only
+    model = _salient_model(len(tiny_tokenizer))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 32))
+    block = model.model.layers[0]
+    inputs, kwargs = _block_inputs(model, ids)
+    with torch.no_grad():
+        before = block(inputs[0], **kwargs)
+    norm_before = block.input_layernorm.weight.clone()
+    arch = architecture_of(model)
+    awq_transform_block(block, inputs, kwargs, make_scheme(4, 32).weights, arch.smoothing, arch.norm_offset)
+    with torch.no_grad():
+        after = block(inputs[0], **kwargs)
+    assert not torch.equal(norm_before, block.input_layernorm.weight)  # scales were moved
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_clipping_never_increases_the_output_error():
+    torch.manual_seed(0)
+    W = torch.randn(64, 128)
+    W[:, 5] *= 8
+    X = torch.randn(256, 128)
+    args = make_scheme(3, 32).weights
+    plain = ((X @ (fake_quantize(W, args) - W).t()) ** 2).mean()
+    clipped = ((X @ (fake_quantize(search_clip(W, X, args), args) - W).t()) ** 2).mean()
+    assert clipped <= plain
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_beats_rtn_on_salient_channels(tiny_tokenizer, method):
+    torch.manual_seed(0)
+    calib = torch.randint(0, len(tiny_tokenizer), (8, 64))
+    test = torch.randint(0, len(tiny_tokenizer), (4, 64))
+    errors = {}
+    for name in ("rtn", method):
+        model = _salient_model(len(tiny_tokenizer))
+        with torch.no_grad():
+            reference = model(input_ids=test).logits
+        quantize_blocks(model, make_scheme(3, 32, actorder=None), get_method(name), calib)
+        with torch.no_grad():
+            errors[name] = float(((model(input_ids=test).logits - reference) ** 2).mean())
+    assert errors[method] < errors["rtn"]
+
+
+def test_smoothing_is_described_as_data_for_each_family():
+    from lowbit.models.architectures import ARCHITECTURES
+
+    for name, arch in ARCHITECTURES.items():
+        for sm in arch.smoothing:
+            assert sm.balance and sm.inspect and sm.previous
+    assert ARCHITECTURES["gemma3_text"].norm_offset == 1.0
+    assert ARCHITECTURES["gemma3_text"].smoothing[2].previous == "pre_feedforward_layernorm"
