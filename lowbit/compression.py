@@ -60,13 +60,13 @@ class CompressionReport:
 
     def distribution(self) -> list[dict]:
         """Share of parameters and of layers at each bit-width (the table NNCF prints)."""
-        total_params = sum(l.parameters for l in self.layers) or 1
+        total_params = sum(layer.parameters for layer in self.layers) or 1
         rows = []
-        for scheme in sorted({l.scheme for l in self.layers}):
-            members = [l for l in self.layers if l.scheme == scheme]
+        for scheme in sorted({layer.scheme for layer in self.layers}):
+            members = [layer for layer in self.layers if layer.scheme == scheme]
             rows.append({
                 "scheme": scheme,
-                "parameters_pct": 100.0 * sum(l.parameters for l in members) / total_params,
+                "parameters_pct": 100.0 * sum(layer.parameters for layer in members) / total_params,
                 "layers_pct": 100.0 * len(members) / len(self.layers),
                 "layers": len(members),
             })

@@ -36,8 +36,8 @@ def test_ratio_of_parameters_goes_to_the_primary_mode(model, ratio):
 
 def test_the_layers_kept_in_int8_are_the_most_sensitive(model):
     report = compress_weights(model, "int4_sym", group_size=64, ratio=0.5)
-    four = [l.sensitivity for l in report.layers if l.bits == 4]
-    eight = [l.sensitivity for l in report.layers if l.bits == 8]
+    four = [layer.sensitivity for layer in report.layers if layer.bits == 4]
+    eight = [layer.sensitivity for layer in report.layers if layer.bits == 8]
     assert four and eight and max(four) <= min(eight)
 
 
@@ -45,7 +45,7 @@ def test_data_aware_sensitivity_uses_activations(model, tiny_tokenizer):
     windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
     report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows)
     assert report.sensitivity_metric == "hessian_input_activation"
-    assert all(l.sensitivity is not None and l.sensitivity >= 0 for l in report.layers)
+    assert all(layer.sensitivity is not None and layer.sensitivity >= 0 for layer in report.layers)
 
 
 def test_data_aware_metric_without_data_is_refused(model):

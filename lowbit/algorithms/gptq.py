@@ -14,7 +14,6 @@ so one factorisation serves all columns. Updates are applied lazily in blocks of
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

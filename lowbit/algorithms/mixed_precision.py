@@ -49,7 +49,7 @@ def choose_primary(layers: list[LayerSensitivity], ratio: float) -> set[str]:
     target = ratio * total
     chosen: set[str] = set()
     taken = 0
-    for layer in sorted(layers, key=lambda l: (l.sensitivity, l.name)):
+    for layer in sorted(layers, key=lambda layer: (layer.sensitivity, layer.name)):
         if taken >= target:
             break
         # take the layer if that lands closer to the target than stopping short of it

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn as nn
 
 from lowbit.algorithms import get_method
 from lowbit.algorithms.awq import awq_transform_block, fake_quantize, search_clip

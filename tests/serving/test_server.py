@@ -1,10 +1,8 @@
 """A real server on loopback, spoken to with the official openai client."""
 
-import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
