@@ -22,17 +22,19 @@ class Method:
     uses_actorder: bool
     summary: str
     transform: Optional[Callable] = None
+    uses_hessian: bool = False
 
 
 METHODS = {
     "rtn": Method("rtn", rtn_quantize, False, False, "round-to-nearest, no data, seconds"),
     "hqq": Method("hqq", hqq_quantize, False, False, "HQQ: scale and zero point fitted without data (half-quadratic)"),
     "ternary": Method("ternary", ternary_quantize, False, False, "ternary {-1,0,+1}·absmean (BitNet b1.58 rule), 2-bit storage"),
-    "gptq": Method("gptq", gptq_quantize, True, True, "GPTQ: Hessian-aware rounding from calibration text"),
+    "gptq": Method("gptq", gptq_quantize, True, True, "GPTQ: Hessian-aware rounding from calibration text",
+                   uses_hessian=True),
     "awq": Method("awq", rtn_quantize, True, False, "AWQ: activation-aware scales and clipping, then RTN",
                   awq_transform_block),
     "awq+gptq": Method("awq+gptq", gptq_quantize, True, True, "AWQ scales and clipping, then GPTQ rounding",
-                       awq_transform_block),
+                       awq_transform_block, uses_hessian=True),
 }
 
 

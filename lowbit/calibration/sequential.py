@@ -174,7 +174,8 @@ def quantize_blocks(
         if method.transform is not None:
             arch = architecture_of(model)
             method.transform(block, inputs, kwargs, scheme.weights, arch.smoothing, arch.norm_offset)
-        hessians = _collect_hessians(block, linears, inputs, kwargs) if inputs is not None else {}
+        collect = inputs is not None and method.uses_hessian
+        hessians = _collect_hessians(block, linears, inputs, kwargs) if collect else {}
         _quantize_linears(model, linears, scheme, method, hessians, report)
         if inputs is not None and (i + 1 < len(blocks) or include_lm_head):
             inputs = _run_block(block, inputs, kwargs)
