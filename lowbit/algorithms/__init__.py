@@ -14,7 +14,7 @@ from lowbit.errors import LowbitError
 @dataclass(frozen=True)
 class Method:
     """A weight quantization algorithm: ``quantize(W, H, args) -> (QuantizedWeight, loss)``, optionally
-    preceded per block by a full-precision ``transform(block, inputs, kwargs, args, smoothings, norm_offset)``."""
+    preceded per block by a full-precision ``transform(block, calls, args, smoothings, norm_offset)``."""
 
     name: str
     quantize: Callable

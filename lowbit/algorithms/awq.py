@@ -46,7 +46,7 @@ def _first(y):
 
 
 @torch.no_grad()
-def _capture(block: nn.Module, inputs: list, kwargs: dict, modules: dict[str, nn.Module], rows: int = 0):
+def _capture(block: nn.Module, calls: list, modules: dict[str, nn.Module], rows: int = 0):
     """Inputs of each named module for every calibration batch: (args, kwargs) calls, or with
     ``rows`` > 0 just that many evenly spaced input rows per module (a [rows, in] tensor)."""
     seen: dict[str, list] = {name: [] for name in modules}
@@ -64,8 +64,8 @@ def _capture(block: nn.Module, inputs: list, kwargs: dict, modules: dict[str, nn
         for name, m in modules.items()
     ]
     try:
-        for x in inputs:
-            block(x, **kwargs)
+        for x, kw in calls:
+            block(x, **kw)
     finally:
         for h in handles:
             h.remove()
@@ -138,15 +138,15 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, args: QuantizationArgs, rows_p
 
 @torch.no_grad()
 def awq_transform_block(
-    block: nn.Module, inputs: list, kwargs: dict, args: QuantizationArgs, smoothings: tuple[Smoothing, ...],
-    norm_offset: float = 0.0,
+    block: nn.Module, calls: list, args: QuantizationArgs, smoothings: tuple[Smoothing, ...], norm_offset: float = 0.0
 ) -> None:
-    """Smooth then clip the block's linears in place (full precision); see the module docstring."""
+    """Smooth then clip the block's linears in place (full precision); ``calls`` are the block's
+    (hidden states, keyword arguments) per calibration batch. See the module docstring."""
     batches, tokens = [], 0
-    for x in inputs:
+    for x, kw in calls:
         if tokens >= SEARCH_TOKENS:
             break
-        batches.append(x)
+        batches.append((x, kw))
         tokens += x.shape[0] * x.shape[1]
     applicable = []
     for sm in smoothings:
@@ -155,13 +155,13 @@ def awq_transform_block(
         width = previous.out_features if isinstance(previous, nn.Linear) else previous.weight.shape[0]
         if all(layer.in_features == width for layer in balance):  # e.g. v → o does not apply under GQA
             applicable.append((sm, previous, balance))
-    calls = _capture(block, batches, kwargs, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
+    seen_inspect = _capture(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
     for sm, previous, balance in applicable:
-        s = search_scales(block.get_submodule(sm.inspect), calls[sm.inspect], balance, args)
+        s = search_scales(block.get_submodule(sm.inspect), seen_inspect[sm.inspect], balance, args)
         _scale_previous(previous, s, norm_offset)
         for layer in balance:
             layer.weight.data.mul_(s.to(layer.weight.dtype))
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in NO_CLIP}
-    seen = _capture(block, batches, kwargs, linears, rows=max(1, CLIP_TOKENS // len(batches)))
+    seen = _capture(block, batches, linears, rows=max(1, CLIP_TOKENS // len(batches)))
     for name, layer in linears.items():
         layer.weight.data = search_clip(layer.weight.data, torch.cat(seen[name]), args)

@@ -84,19 +84,35 @@ class _Captured(Exception):
     pass
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
-    """Hidden states entering block 0 for each batch, and the keyword arguments blocks get."""
+Call = tuple[torch.Tensor, dict]  # (hidden states entering a block, that block's keyword arguments)
+
+
+def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
+    """Hidden states entering block 0 for each batch, and the keyword arguments each block gets for
+    each batch (families such as Gemma 3 give sliding-window and global blocks different masks and
+    rotary tables). Blocks are swapped for recorders that pass their input through, so this costs
+    about an embedding lookup per batch."""
     inputs: list[torch.Tensor] = []
-    kwargs: dict = {}
+    block_kwargs: list[list[dict]] = [[] for _ in blocks]
 
-    def hook(_module, args, kw):
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kw.pop("hidden_states", None)
-        if not kwargs:
-            kwargs.update(kw)
-        raise _Captured
+    def recorder(i: int):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            kw.pop("hidden_states", None)
+            for key in ("past_key_values", "past_key_value"):
+                kw.pop(key, None)
+            kw["use_cache"] = False
+            if i == 0:
+                inputs.append(hidden)
+            block_kwargs[i].append(kw)
+            if i == len(blocks) - 1:
+                raise _Captured
+            return hidden  # only the kwargs of later blocks are recorded, so its shape there does not matter
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
     try:
         for batch in batches:
             try:
@@ -104,22 +120,20 @@ def _capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: lis
             except _Captured:
                 pass
     finally:
-        handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs["use_cache"] = False
-    return inputs, kwargs
+        for block in blocks:
+            del block.forward
+    return inputs, block_kwargs
 
 
-def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
     outputs = []
-    for x in inputs:
-        y = block(x, **kwargs)
+    for x, kw in calls:
+        y = block(x, **kw)
         outputs.append(y[0] if isinstance(y, tuple) else y)
     return outputs
 
 
-def _collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, kwargs) -> dict[str, torch.Tensor]:
+def _collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], calls: list[Call]) -> dict[str, torch.Tensor]:
     """H = 2/n Σ xxᵀ for each Linear's input; Linears fed the same tensor (q/k/v, gate/up) share one H."""
     accumulators: dict[str, HessianAccumulator] = {}
     seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # holds x so its id stays unique
@@ -138,9 +152,9 @@ def _collect_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs, k
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        for x in inputs:
+        for x, kw in calls:
             seen.clear()
-            block(x, **kwargs)
+            block(x, **kw)
     finally:
         for h in handles:
             h.remove()
@@ -162,23 +176,23 @@ def quantize_blocks(
     :class:`QuantLinear`, in place."""
     prefix, blocks = decoder_blocks(model)
     report = QuantizationReport()
-    inputs = kwargs = None
+    inputs = block_kwargs = None
     if method.needs_calibration:
         if calibration is None:
             raise LowbitError(f"method {method.name} needs calibration text (--calib)")
         batches = list(calibration.split(batch_size))
-        inputs, kwargs = _capture_block_inputs(model, blocks[0], batches)
+        inputs, block_kwargs = _capture_block_inputs(model, blocks, batches)
     for i, block in enumerate(blocks):
         block_prefix = f"{prefix}.{i}"
         linears = target_linears(block, block_prefix, ignore)
+        calls = None if inputs is None else list(zip(inputs, block_kwargs[i]))
         if method.transform is not None:
             arch = architecture_of(model)
-            method.transform(block, inputs, kwargs, scheme.weights, arch.smoothing, arch.norm_offset)
-        collect = inputs is not None and method.uses_hessian
-        hessians = _collect_hessians(block, linears, inputs, kwargs) if collect else {}
+            method.transform(block, calls, scheme.weights, arch.smoothing, arch.norm_offset)
+        hessians = _collect_hessians(block, linears, calls) if calls is not None and method.uses_hessian else {}
         _quantize_linears(model, linears, scheme, method, hessians, report)
-        if inputs is not None and (i + 1 < len(blocks) or include_lm_head):
-            inputs = _run_block(block, inputs, kwargs)
+        if calls is not None and (i + 1 < len(blocks) or include_lm_head):
+            inputs = _run_block(block, calls)
         if on_block:
             on_block(i + 1, len(blocks))
     if include_lm_head:

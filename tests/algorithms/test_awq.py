@@ -46,7 +46,8 @@ def test_smoothing_keeps_the_full_precision_function(tiny_tokenizer, monkeypatch
         before = block(inputs[0], **kwargs)
     norm_before = block.input_layernorm.weight.clone()
     arch = architecture_of(model)
-    awq_transform_block(block, inputs, kwargs, make_scheme(4, 32).weights, arch.smoothing, arch.norm_offset)
+    calls = [(inputs[0], kwargs)]
+    awq_transform_block(block, calls, make_scheme(4, 32).weights, arch.smoothing, arch.norm_offset)
     with torch.no_grad():
         after = block(inputs[0], **kwargs)
     assert not torch.equal(norm_before, block.input_layernorm.weight)  # scales were moved
