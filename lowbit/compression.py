@@ -21,7 +21,7 @@ from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS, LayerSensitiv
 from lowbit.calibration.sequential import target_linears
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of, decoder_blocks
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import resolve_group_size
 
@@ -48,6 +48,7 @@ class CompressedLayer:
     scheme: str
     bits: int
     sensitivity: Optional[float] = None
+    ranked: bool = True  # counts towards ``ratio`` (embeddings and lm_head do only with all_layers)
 
 
 @dataclass
@@ -59,14 +60,17 @@ class CompressionReport:
     layers: list[CompressedLayer] = field(default_factory=list)
 
     def distribution(self) -> list[dict]:
-        """Share of parameters and of layers at each bit-width (the table NNCF prints)."""
+        """Share of parameters and of layers at each bit-width (the table NNCF prints): over all
+        quantized layers, and over the ratio-defining ones."""
         total_params = sum(layer.parameters for layer in self.layers) or 1
+        ranked_params = sum(layer.parameters for layer in self.layers if layer.ranked) or 1
         rows = []
         for scheme in sorted({layer.scheme for layer in self.layers}):
             members = [layer for layer in self.layers if layer.scheme == scheme]
             rows.append({
                 "scheme": scheme,
                 "parameters_pct": 100.0 * sum(layer.parameters for layer in members) / total_params,
+                "ratio_defining_pct": 100.0 * sum(layer.parameters for layer in members if layer.ranked) / ranked_params,
                 "layers_pct": 100.0 * len(members) / len(self.layers),
                 "layers": len(members),
             })
@@ -105,19 +109,27 @@ def check_options(
     return metric
 
 
-def _target_layers(model: nn.Module, all_layers: bool, ignore: tuple) -> tuple[dict[str, nn.Linear], dict[str, nn.Linear]]:
-    """(ranked layers, layers fixed at the backup precision): decoder linears, plus an untied lm_head."""
+def _target_layers(model: nn.Module, all_layers: bool, ignore: tuple):
+    """(ranked layers, layers fixed at the backup precision, name of an lm_head tied to the embeddings).
+
+    Decoder linears are ranked; the embedding table and an untied lm_head are fixed at int8 unless
+    ``all_layers``. A tied lm_head is not a layer of its own: it follows the embedding.
+    """
     prefix, blocks = decoder_blocks(model)
-    ranked: dict[str, nn.Linear] = {}
+    ranked: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
         ranked.update(target_linears(block, f"{prefix}.{i}", ignore))
-    fixed: dict[str, nn.Linear] = {}
+    fixed: dict[str, nn.Module] = {}
     arch = architecture_of(model)
     head = model.get_submodule(arch.lm_head)
-    tied = head.weight is model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
+    embedding_name = next(n for n, m in model.named_modules() if m is embedding)
+    tied = getattr(head, "weight", None) is getattr(embedding, "weight", None)
+    if isinstance(embedding, nn.Embedding) and embedding_name not in ignore:
+        (ranked if all_layers else fixed)[embedding_name] = embedding
     if isinstance(head, nn.Linear) and not tied and arch.lm_head not in ignore:
         (ranked if all_layers else fixed)[arch.lm_head] = head
-    return ranked, fixed
+    return ranked, fixed, arch.lm_head if tied and embedding_name in {**ranked, **fixed} else None
 
 
 @torch.no_grad()
@@ -166,15 +178,18 @@ def compress_weights(
 
     ``dataset``: token windows [n, seqlen] for data-aware sensitivity (default metric then
     ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
-    or "hqq" (data-free). ``all_layers``: rank an untied lm_head with the rest instead of keeping it int8.
+    or "hqq" (data-free). The embedding table (and an lm_head tied to it, which then reads the same
+    quantized table) and an untied lm_head are int8 per-channel, unless ``all_layers`` ranks them
+    with the rest; ``ignore`` (e.g. "model.embed_tokens") keeps a module in full precision.
     """
     metric = check_options(mode, group_size, ratio, method, sensitivity_metric, dataset is not None)
     primary = mode_args(mode, group_size)
     algorithm = get_method(method)
-    ranked, fixed = _target_layers(model, all_layers, tuple(ignore))
+    ranked, fixed, tied_head = _target_layers(model, all_layers, tuple(ignore))
     stats = None
     if ratio < 1.0 and metric == "hessian_input_activation":
-        stats = activation_second_moments(model, list(ranked), dataset)
+        linears = [n for n, m in ranked.items() if isinstance(m, nn.Linear)]
+        stats = activation_second_moments(model, linears, dataset)
 
     total = len(ranked) + len(fixed)
     done = 0
@@ -183,10 +198,10 @@ def compress_weights(
         W = linear.weight.data
         if not torch.isfinite(W).all():
             raise LowbitError(f"layer {name} has NaN/Inf weights; the checkpoint is damaged, refusing to quantize")
-        qw, _ = algorithm.quantize(W, None, resolve_group_size(primary, linear.in_features))
+        qw, _ = algorithm.quantize(W, None, resolve_group_size(primary, W.shape[1]))
         primary_results[name] = qw
         if ratio < 1.0:
-            act = None if stats is None else stats[name]
+            act = None if stats is None else stats.get(name)
             sensitivities.append(LayerSensitivity(name, W.numel(), sensitivity(W, qw.dequantize(torch.float32), act)))
     chosen = set(ranked) if ratio >= 1.0 else choose_primary(sensitivities, ratio)
     scores = {s.name: s.sensitivity for s in sensitivities}
@@ -197,9 +212,15 @@ def compress_weights(
             qw = primary_results[name]
         else:
             qw, _ = algorithm.quantize(linear.weight.data, None, BACKUP)
-        _swap(model, name, QuantLinear.from_quantized(qw, linear.bias))
+        if isinstance(linear, nn.Embedding):
+            _swap(model, name, QuantEmbedding.from_quantized(qw, getattr(linear, "embed_scale", None)))
+            if tied_head is not None:  # the output projection reads the same quantized table
+                _swap(model, tied_head, QuantLinear.from_quantized(qw))
+        else:
+            _swap(model, name, QuantLinear.from_quantized(qw, linear.bias))
         report.layers.append(
-            CompressedLayer(name, linear.weight.numel(), qw.args.describe(), qw.args.num_bits, scores.get(name))
+            CompressedLayer(name, linear.weight.numel(), qw.args.describe(), qw.args.num_bits, scores.get(name),
+                            name in ranked)
         )
         done += 1
         if on_layer:

@@ -15,7 +15,7 @@ def model(tiny_tokenizer):
 
 
 def _bits_share(model):
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".layers." in n}
     total = sum(m.weight_q.numel() for m in layers.values())
     four = sum(m.weight_q.numel() for m in layers.values() if m.args.num_bits == 4)
     return four / total, layers
@@ -29,15 +29,15 @@ def test_ratio_of_parameters_goes_to_the_primary_mode(model, ratio):
     assert abs(share - ratio) < 0.15
     dist = {row["scheme"].split()[0]: row for row in report.distribution()}
     assert abs(sum(row["parameters_pct"] for row in dist.values()) - 100) < 1e-6
-    if 0 < ratio < 1:
-        assert {"int4", "int8"} <= set(dist)
-        assert abs(dist["int4"]["parameters_pct"] - 100 * share) < 1e-6
+    assert "int8" in dist  # the embedding table (and the head tied to it)
+    if ratio > 0:
+        assert abs(dist["int4"]["ratio_defining_pct"] - 100 * share) < 1e-6
 
 
 def test_the_layers_kept_in_int8_are_the_most_sensitive(model):
     report = compress_weights(model, "int4_sym", group_size=64, ratio=0.5)
-    four = [layer.sensitivity for layer in report.layers if layer.bits == 4]
-    eight = [layer.sensitivity for layer in report.layers if layer.bits == 8]
+    four = [layer.sensitivity for layer in report.layers if layer.bits == 4 and layer.ranked]
+    eight = [layer.sensitivity for layer in report.layers if layer.bits == 8 and layer.ranked]
     assert four and eight and max(four) <= min(eight)
 
 
@@ -45,7 +45,7 @@ def test_data_aware_sensitivity_uses_activations(model, tiny_tokenizer):
     windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
     report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows)
     assert report.sensitivity_metric == "hessian_input_activation"
-    assert all(layer.sensitivity is not None and layer.sensitivity >= 0 for layer in report.layers)
+    assert all(layer.sensitivity is not None and layer.sensitivity >= 0 for layer in report.layers if layer.ranked)
 
 
 def test_data_aware_metric_without_data_is_refused(model):
@@ -71,3 +71,28 @@ def test_compressed_checkpoints_load_back_with_the_same_logits(model, tiny_token
 def test_unknown_mode_is_refused(model):
     with pytest.raises(LowbitError, match="mode 'int5'"):
         compress_weights(model, "int5")
+
+
+@pytest.mark.parametrize("all_layers", [False, True])
+def test_embeddings_and_the_tied_head_share_one_quantized_table(model, tiny_tokenizer, tmp_path, all_layers):
+    from lowbit.runtime.qlinear import QuantEmbedding
+
+    compress_weights(model, "int4_sym", group_size=32, ratio=1.0, all_layers=all_layers)
+    embed, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embed, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.weight_q is embed.weight_q  # one table, read both ways
+    assert embed.args.num_bits == (4 if all_layers else 8)
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save_quantized(model, tiny_tokenizer, tmp_path, {})
+    loaded, _ = load_quantized(tmp_path)
+    assert loaded.lm_head.weight_q is loaded.model.embed_tokens.weight_q
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before)
+
+
+def test_ignored_embeddings_stay_full_precision(model):
+    compress_weights(model, "int4_sym", group_size=32, ignore=("model.embed_tokens",))
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -47,10 +47,11 @@ def quantize_table(result: dict) -> Table:
 def distribution_table(result: dict) -> Table:
     """Bit-width distribution of a mixed-precision result: share of parameters and of layers per scheme."""
     table = Table(title="bit-width distribution")
-    for column in ("scheme", "% of parameters", "% of layers", "layers"):
+    for column in ("scheme", "% of all parameters", "% of ratio-defining", "% of layers", "layers"):
         table.add_column(column, justify="left" if column == "scheme" else "right")
     for row in result["distribution"]:
-        table.add_row(row["scheme"], f"{row['parameters_pct']:.1f}", f"{row['layers_pct']:.1f}", str(row["layers"]))
+        table.add_row(row["scheme"], f"{row['parameters_pct']:.1f}", f"{row['ratio_defining_pct']:.1f}",
+                      f"{row['layers_pct']:.1f}", str(row["layers"]))
     return table
 
 

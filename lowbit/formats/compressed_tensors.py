@@ -26,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import pack_int32, unpack_int32
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
+
+QUANTIZED = (QuantLinear, QuantEmbedding)
 from lowbit.schemes.args import QuantizationArgs
 
 WEIGHTS_FILE = "model.safetensors"
@@ -103,8 +105,19 @@ def config_groups(layers: dict[str, QuantLinear]) -> dict:
     }
 
 
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Quantized modules by name, each stored once: a head that reads the embedding's codes is left out."""
+    layers: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZED) and module.weight_q.data_ptr() not in seen:
+            seen.add(module.weight_q.data_ptr())
+            layers[name] = module
+    return layers
+
+
 def quantization_config(model: nn.Module) -> dict:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = _quantized_modules(model)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     formats = {_format(m.args) for m in layers.values()}
     return {
@@ -118,7 +131,7 @@ def quantization_config(model: nn.Module) -> dict:
     }
 
 
-def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
+def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one quantized Linear."""
     args = layer.args
     out: dict[str, torch.Tensor] = {f"{name}.weight_scale": layer.weight_scale.contiguous()}
@@ -133,7 +146,7 @@ def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
             out[f"{name}.weight_zero_point"] = layer.weight_zero_point.contiguous()  # fitted floats: not packed
         elif layer.weight_zero_point is not None:
             out[f"{name}.weight_zero_point"] = pack_int32(layer.weight_zero_point, args.num_bits, dim=0)
-    if layer.bias is not None:
+    if getattr(layer, "bias", None) is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
     return out
 
@@ -141,13 +154,13 @@ def layer_tensors(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor to save: quantized layers in the compressed layout, the rest as they are."""
     tensors: dict[str, torch.Tensor] = {}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, layer in quantized.items():
+    for name, layer in _quantized_modules(model).items():
         tensors.update(layer_tensors(name, layer))
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     seen: dict[int, str] = {}
     for name, p in model.state_dict(keep_vars=True).items():
         owner = name.rsplit(".", 1)[0]
-        if owner in quantized:
+        if owner in quantized:  # written by layer_tensors (a tied head: with the embedding)
             continue
         if p.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
             continue
@@ -203,18 +216,21 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     tensors = _read_tensors(folder)
     state: dict[str, torch.Tensor] = {}
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name in ignore:
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or name in ignore:
             continue
         args = next((a for targets, a in groups if any(_matches(name, module, t) for t in targets)), None)
         if args is None:
             continue
-        shape = (module.out_features, module.in_features)
+        shape = tuple(module.weight.shape)
         if args.num_bits == 8:
             q = tensors.pop(f"{name}.weight")
         else:
             q = unpack_int32(tensors.pop(f"{name}.weight_packed"), args.num_bits, shape)
             tensors.pop(f"{name}.weight_shape", None)
-        layer = QuantLinear(*shape[::-1], args, module.bias is not None, dtype, device="meta")
+        if isinstance(module, nn.Embedding):
+            layer = QuantEmbedding(*shape, args, dtype, device="meta", embed_scale=getattr(module, "embed_scale", None))
+        else:
+            layer = QuantLinear(*shape[::-1], args, module.bias is not None, dtype, device="meta")
         state[f"{name}.weight_q"] = q
         state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale").to(dtype)
         zp = tensors.pop(f"{name}.weight_zero_point", None)
@@ -227,7 +243,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise LowbitError(f"{folder} holds tensors the model does not have: {result.unexpected_keys[:3]}")
-    model.tie_weights()
+    _tie_output_projection(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     missing += [n for n, b in model.named_buffers() if b is not None and b.device.type == "meta"]
     if missing:
@@ -235,6 +251,18 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     model.config.quantization_config = qc
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
+
+
+def _tie_output_projection(model: nn.Module) -> None:
+    """Tie lm_head to the embeddings as the config says: the same table, quantized or not."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, QuantEmbedding):
+        if getattr(model.config, "tie_word_embeddings", False):
+            head = model.get_output_embeddings()
+            name = next(n for n, m in model.named_modules() if m is head)
+            _set_module(model, name, QuantLinear.from_quantized(embedding.quantized_weight()))
+    else:
+        model.tie_weights()
 
 
 def read_record(folder: Path) -> dict:

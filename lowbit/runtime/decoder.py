@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lowbit.runtime.kernels import DenseLinear, Int4Linear, Int8Linear, fast_linear
 from lowbit.runtime.native import decode_step_module
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
 
 
@@ -68,6 +68,13 @@ def _step_operands(m: nn.Module):
     return None
 
 
+def _tied(head: nn.Module, table: nn.Module) -> bool:
+    """Whether the output projection reads the embedding table (full precision or quantized)."""
+    if isinstance(table, QuantEmbedding):
+        return getattr(head, "weight_q", None) is table.weight_q
+    return getattr(head, "weight", None) is table.weight
+
+
 class _Block(nn.Module):
     def __init__(self, layer: nn.Module, family: Family, quantize, dtype):
         super().__init__()
@@ -108,11 +115,13 @@ class LeanDecoder(nn.Module):
         self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
         self.register_buffer("norm", inner.norm.weight.detach().to(dtype))
         self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
-        tied = getattr(hf_model.lm_head, "weight", None) is inner.embed_tokens.weight
+        table = inner.embed_tokens
         # A tied int8 head doubles as the embedding table (rows looked up and rescaled): one copy, not two.
-        self.shared_embedding = tied and isinstance(self.lm_head, Int8Linear)
-        embed = None if self.shared_embedding else inner.embed_tokens.weight.detach().to(dtype)
-        self.register_buffer("embed", embed)
+        self.shared_embedding = _tied(hf_model.lm_head, table) and isinstance(self.lm_head, Int8Linear)
+        quantized_table = isinstance(table, QuantEmbedding) and not self.shared_embedding
+        self.quantized_embed = table if quantized_table else None  # rows dequantized when looked up
+        plain = not self.shared_embedding and not quantized_table
+        self.register_buffer("embed", table.weight.detach().to(dtype) if plain else None)
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
@@ -143,7 +152,7 @@ class LeanDecoder(nn.Module):
         step.set_head(*_step_operands(self.lm_head), self.lm_head.bias)
         if self.shared_embedding:
             step.set_embedding(self.lm_head.q, self.lm_head.scale)
-        else:
+        elif self.embed is not None:
             step.set_embedding(self.embed.contiguous(), None)
         return step
 
@@ -152,6 +161,8 @@ class LeanDecoder(nn.Module):
         return getattr(hf_model.config, "model_type", None) in FAMILIES
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized_embed is not None:
+            return self.quantized_embed(ids).to(self.dtype)
         if self.shared_embedding:
             return self.lm_head.q[ids].to(self.dtype) * self.lm_head.scale[ids][..., None]
         return F.embedding(ids, self.embed)
@@ -194,7 +205,8 @@ class LeanDecoder(nn.Module):
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
         if T == 1 and self.step is not None:
-            return self.step.forward(int(ids[0, 0]), start)[None]
+            row = None if self.quantized_embed is None else self._embed(ids)[0, 0].float()
+            return self.step.forward(int(ids[0, 0]), start, row)[None]
         h = self._embed(ids)
         cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
         for i, b in enumerate(self.blocks):

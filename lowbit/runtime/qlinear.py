@@ -54,3 +54,47 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.args.describe()}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table [vocab, dim] kept on the grid; rows are dequantized when looked up.
+
+    Rows play the part of a Linear's output channels (scales per row, groups along ``dim``), so a
+    tied output projection can be a :class:`QuantLinear` over the very same tensors.
+    ``embed_scale`` keeps the factor some families apply to embeddings (Gemma: √dim).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, args: QuantizationArgs, dtype=torch.float32,
+                 device=None, embed_scale: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.args = num_embeddings, embedding_dim, args
+        n_groups = embedding_dim // args.group_size_for(embedding_dim)
+        self.register_buffer("weight_q", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, n_groups, dtype=dtype, device=device))
+        zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
+        zp = None if args.symmetric else torch.empty(num_embeddings, n_groups, dtype=zp_dtype, device=device)
+        self.register_buffer("weight_zero_point", zp)
+        self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, embed_scale: Optional[torch.Tensor] = None) -> "QuantEmbedding":
+        vocab, dim = qw.shape
+        layer = cls(vocab, dim, qw.args, qw.scale.dtype, device="meta", embed_scale=embed_scale)
+        layer.weight_q, layer.weight_scale, layer.weight_zero_point = qw.q, qw.scale, qw.zero_point
+        if embed_scale is not None:
+            layer.embed_scale = embed_scale.detach().clone()
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_zero_point, self.args)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        zp = None if self.weight_zero_point is None else self.weight_zero_point[ids]
+        rows = QuantizedWeight(self.weight_q[ids].reshape(-1, self.embedding_dim),
+                               self.weight_scale[ids].reshape(ids.numel(), -1),
+                               None if zp is None else zp.reshape(ids.numel(), -1), self.args)
+        out = dequantize(rows, self.weight_scale.dtype).reshape(*ids.shape, self.embedding_dim)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.args.describe()}"

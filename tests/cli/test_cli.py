@@ -122,8 +122,8 @@ def test_compress_prints_the_bit_width_distribution(tiny_model_dir, tmp_path):
     assert "bit-width distribution" in done.stdout and "int8" in done.stdout and "int4 asym g32" in done.stdout
     assert (out / "config.json").is_file()
     done = run("compress", tiny_model_dir, "-o", tmp_path / "nf4", "--mode", "nf4", "--group-size", "32", "--json")
-    summary = json.loads(done.stdout)
-    assert summary["distribution"][0]["scheme"].startswith("nf4") and summary["distribution"][0]["parameters_pct"] == 100
+    rows = {row["scheme"].split()[0]: row for row in json.loads(done.stdout)["distribution"]}
+    assert rows["nf4"]["ratio_defining_pct"] == 100 and rows["int8"]["ratio_defining_pct"] == 0  # int8: embeddings
 
 
 @pytest.mark.parametrize(

@@ -111,3 +111,22 @@ def test_chunked_prompt_attention_equals_one_chunk(quantized_model, monkeypatch)
     decoder(ids[:, :7], 0)
     chunked = decoder(ids[:, 7:], 7, last_only=False)
     torch.testing.assert_close(chunked, whole, rtol=0.01, atol=0.01)
+
+
+@pytest.mark.parametrize("all_layers", [False, True])  # int8 table shared with the head; int4 table and head
+def test_quantized_embeddings_run_in_the_lean_decoder(tiny_tokenizer, all_layers):
+    from lowbit.compression import compress_weights
+
+    model = make_model(len(tiny_tokenizer), hidden=128, intermediate=256)
+    model.config.max_position_embeddings = 512
+    compress_weights(model, "int4_sym", group_size=64, all_layers=all_layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    decoder = LeanDecoder(model, max_len=64)
+    assert decoder.shared_embedding == (not all_layers)
+    out = decoder(ids, 0, last_only=False)[0]
+    assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    decoder(ids[:, :19], 0)
+    step = decoder(ids[:, 19:], 19)[0, -1]  # the compiled step when available
+    assert float((step - ref[-1]).abs().max()) < 0.05 * float(ref.abs().max())

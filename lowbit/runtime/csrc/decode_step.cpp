@@ -141,12 +141,18 @@ class DecodeStep {
   }
 
   // Logits [1, V] (float32) for `token` at `position`; writes this position's keys and values.
-  Tensor forward(int64_t token, int64_t position) {
+  // `row` (float32 [D]) replaces the table lookup for embeddings this step does not hold.
+  Tensor forward(int64_t token, int64_t position, c10::optional<Tensor> row) {
     TORCH_CHECK(position >= 0 && position < max_len_, "position beyond the KV cache");
-    TORCH_CHECK(head_.has_value() && embed_.defined(), "decode step not fully built");
-    const int64_t D = embed_.size(1), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
+    TORCH_CHECK(head_.has_value() && (embed_.defined() || row), "decode step not fully built");
+    const int64_t D = row ? row->numel() : embed_.size(1), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
     std::vector<float> h(D), q(q_size), k(kv_size), attn(q_size);
-    embed(token, h.data());
+    if (row) {
+      Tensor r = row->to(at::kFloat).contiguous();
+      std::copy(r.data_ptr<float>(), r.data_ptr<float>() + D, h.begin());
+    } else {
+      embed(token, h.data());
+    }
     Tensor x = at::empty({1, D}, at::TensorOptions().dtype(at::kBFloat16));
     Tensor a_in = at::empty({1, q_size}, x.options());
     auto* xp = x.data_ptr<at::BFloat16>();
