@@ -2,7 +2,9 @@
 ``ratio`` sweep of mixed 4/8-bit, on one model and one held-out text.
 
 Every row is one ``lowbit quantize`` / ``lowbit compress`` command (printed with the row) followed by
-``lowbit eval``, each in its own process. W2 g32 runs for the two best methods at W3.
+``lowbit eval``, each in its own process. W2 g32 runs for the two best methods at W3. Embeddings
+stay in full precision except in the ``ratio`` rows, where ``compress`` keeps them (and the tied
+head) in int8 as NNCF does.
 
     python bench/methods.py --out bench/results/methods [--model smollm2-135m] [--group 64]
 """
@@ -35,7 +37,9 @@ def method_rows(a, bits: int, group: int, methods: list[str]) -> list[tuple[str,
     for m in methods:
         label = f"{m} W{bits} g{group}"
         if m in ("nf4", "fp4"):
-            rows.append((label.replace(f"W{bits} ", ""), ["compress", "--mode", m, "--group-size", group]))
+            # embeddings kept in full precision, as in the quantize rows (compress makes them int8 by default)
+            rows.append((label.replace(f"W{bits} ", ""), ["compress", "--mode", m, "--group-size", group,
+                                                          "--ignore", "model.embed_tokens"]))
         elif m == "hqq":
             rows.append((label + " asym", ["quantize", "--method", "hqq", "--bits", bits, "--group-size", group, "--asym"]))
         elif m == "rtn":
