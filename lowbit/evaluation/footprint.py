@@ -10,8 +10,7 @@ from pathlib import Path
 import psutil
 import torch.nn as nn
 
-from lowbit.runtime.qlinear import QuantLinear
-
+from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
 
 
 def folder_size(path: Path) -> int:
@@ -21,10 +20,15 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _decoder_quantized(model: nn.Module) -> list[QuantLinear]:
+    """Quantized Linears other than the output projection (which may be the embedding table, tied)."""
+    return [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and "lm_head" not in n]
+
+
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight of the decoder Linears: quantized ones with their scales, the rest at their dtype."""
     q = effective_bits(model)
-    quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
+    quantized = sum(m.weight_q.numel() for m in _decoder_quantized(model))
     dense = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
     dense_bits = sum(w.numel() * w.element_size() * 8 for w in dense)
     dense_n = sum(w.numel() for w in dense)
@@ -35,8 +39,8 @@ def bits_per_weight(model: nn.Module) -> float:
 
 def parameter_count(model: nn.Module) -> int:
     """Weights of the model, counting each quantized weight once (as a parameter of the original)."""
-    quantized = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, QuantLinear))
-    return sum(p.numel() for p in model.parameters()) + quantized
+    tables = {m.weight_q.data_ptr(): m.weight_q.numel() for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    return sum(p.numel() for p in model.parameters()) + sum(tables.values())
 
 
 def peak_rss_bytes() -> int:
@@ -46,15 +50,15 @@ def peak_rss_bytes() -> int:
 
 
 def effective_bits(model: nn.Module) -> float:
-    """Average stored bits per quantized weight (codes, scales, zero points) over all QuantLinears."""
+    """Average stored bits per quantized weight (codes, scales, zero points) over the decoder's QuantLinears."""
     bits = numel = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            n = m.weight_q.numel()
-            numel += n
-            bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8
-            if m.weight_zero_point is not None:
-                bits += m.weight_zero_point.numel() * m.args.num_bits
+    for m in _decoder_quantized(model):
+        n = m.weight_q.numel()
+        numel += n
+        bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8
+        zp = m.weight_zero_point
+        if zp is not None:
+            bits += zp.numel() * (zp.element_size() * 8 if zp.is_floating_point() else m.args.num_bits)
     return bits / numel if numel else math.nan
 
 
