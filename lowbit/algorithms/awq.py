@@ -1,9 +1,10 @@
 """AWQ: activation-aware per-channel scaling, then weight clipping, searched per decoder block.
 
 Lin et al. (2023). For each :class:`~lowbit.models.architectures.Smoothing` (an op feeding some
-linears), with x̄_j = mean |x_j| the input channels' mean magnitude over the calibration tokens:
+linears), with x̄_j = mean |x_j| the input channels' mean magnitude over the calibration tokens and
+w̄_j the mean over output rows of |W_ij| relative to its group's max (AutoAWQ's "duo scaling"):
 
-    s(α) = x̄^α / √(max x̄^α · min x̄^α),     α ∈ {0, 1/n, …, (n−1)/n}
+    s(α) = x̄^α / w̄^(1−α), normalised by √(max s · min s),     α ∈ {0, 1/n, …, (n−1)/n}
     α*   = argmin_α ‖ M(X; Q(W·diag s)·diag s⁻¹) − M(X; W) ‖²      (M: the ``inspect`` module)
 
 then the balance linears keep W·diag s and the previous op's output channels are divided by s
@@ -83,6 +84,15 @@ def _scale_previous(previous: nn.Module, s: torch.Tensor, norm_offset: float) ->
         w.copy_((w.float() + norm_offset) / s - norm_offset)
 
 
+def _relative_weight_magnitude(balance: list[nn.Linear], args: QuantizationArgs) -> torch.Tensor:
+    """w̄_j: mean over the balance linears' rows of |W_ij| / max |W| of its group (input channel j)."""
+    W = torch.cat([layer.weight.data.float() for layer in balance])
+    g = args.group_size_for(W.shape[1])
+    groups = W.abs().reshape(-1, g)
+    relative = groups / (groups.amax(dim=1, keepdim=True) + 1e-6)
+    return relative.reshape(W.shape).mean(dim=0)
+
+
 @torch.no_grad()
 def search_scales(inspect: nn.Module, calls: list, balance: list[nn.Linear], args: QuantizationArgs) -> torch.Tensor:
     """s(α*) for one smoothing (see the module docstring); ``calls`` are the inspect module's inputs."""
@@ -94,11 +104,13 @@ def search_scales(inspect: nn.Module, calls: list, balance: list[nn.Linear], arg
         x_abs = x.abs().sum(dim=0) if x_abs is None else x_abs + x.abs().sum(dim=0)
         count += x.shape[0]
     x_mean = x_abs / count
+    w_mean = _relative_weight_magnitude(balance, resolve_group_size(args, balance[0].in_features))
     reference = [_first(inspect(*a, **k)) for a, k in calls]
     originals = [layer.weight.data.clone() for layer in balance]
     best_err, best_s = float("inf"), torch.ones_like(x_mean)
     for r in range(N_GRID):
-        s = x_mean.pow(r / N_GRID).clamp(min=1e-4)
+        alpha = r / N_GRID
+        s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         for layer, W in zip(balance, originals):
             layer.weight.data = (fake_quantize(W.float() * s, args) / s).to(W.dtype)
