@@ -97,6 +97,8 @@ def quantize(
     start = time.perf_counter()
     scheme = scheme or make_scheme()
     algorithm = get_method(method)
+    if algorithm.name == "ternary" and (scheme.weights.num_bits != 2 or not scheme.weights.symmetric):
+        raise LowbitError("ternary weights are stored as symmetric 2-bit codes: pass --bits 2 (without --asym)")
     if scheme.weights.actorder and not algorithm.uses_actorder:
         scheme = replace(scheme, weights=replace(scheme.weights, actorder=None))
     if output_dir is not None:

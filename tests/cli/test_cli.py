@@ -134,3 +134,9 @@ def test_compress_bad_options_fail_cleanly(tiny_model_dir, tmp_path, argv, messa
     out = tmp_path / "never"
     assert_clean_failure(run("compress", tiny_model_dir, "-o", out, *argv), message)
     assert not out.exists()
+
+
+def test_ternary_with_the_wrong_bit_width_fails_cleanly(tiny_model_dir, tmp_path):
+    out = tmp_path / "never"
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", out, "--method", "ternary", "--bits", "4"), "--bits 2")
+    assert not out.exists()
