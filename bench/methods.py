@@ -114,7 +114,9 @@ def print_table(rows: list[dict], a) -> None:
         e, q = r["eval"], r["quantize"] or {}
         ratio = e["perplexity"] / fp if fp else float("nan")
         wall = q.get("wall_time_s")
-        print(f"{r['label']:<40}{e['perplexity']:>9.2f}{ratio:>8.3f}{e['bits_per_weight']:>8.2f}"
+        big = e["perplexity"] >= 1e5
+        ppl, x = (f"{e['perplexity']:.2e}", f"{ratio:.1e}") if big else (f"{e['perplexity']:.2f}", f"{ratio:.3f}")
+        print(f"{r['label']:<40}{ppl:>9}{x:>8}{e['bits_per_weight']:>8.2f}"
               f"{(e['size_bytes'] or 0) / 1e6:>9.1f}{(f'{wall:.0f}' if wall else '-'):>8}")
     print("bits/w: stored bits per decoder-linear weight incl. scales; wall s: quantize/compress command")
     for r in rows:
