@@ -39,6 +39,7 @@ def test_mixed_precision_keeps_the_sensitive_layers_and_helps(rtn_w4):
     assert ppl(model, tok) < rtn_w4
 
 
+@pytest.mark.slow  # ~4 minutes on two cores; AWQ's mechanics are covered by tests/algorithms/test_awq.py
 def test_awq_beats_rtn_with_a_little_calibration(rtn_w4):
     _, model, tok = api.quantize(MODEL, make_scheme(4, 64), method="awq", calib="shakespeare", nsamples=16,
                                  seqlen=256, progress=False, return_model=True)
