@@ -12,6 +12,16 @@ from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import QuantizedWeight, dequantize
 
 
+def _register_grid_buffers(module: nn.Module, rows: int, cols: int, args: QuantizationArgs, dtype, device) -> None:
+    """Empty ``weight_q`` [rows, cols], ``weight_scale`` and ``weight_zero_point`` [rows, groups] buffers."""
+    n_groups = cols // args.group_size_for(cols)
+    module.register_buffer("weight_q", torch.empty(rows, cols, dtype=torch.int8, device=device))
+    module.register_buffer("weight_scale", torch.empty(rows, n_groups, dtype=dtype, device=device))
+    zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
+    zp = None if args.symmetric else torch.empty(rows, n_groups, dtype=zp_dtype, device=device)
+    module.register_buffer("weight_zero_point", zp)
+
+
 class QuantLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ = (q − z)·s rebuilt from int8 ``weight_q`` [out, in] on every call."""
 
@@ -26,12 +36,7 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features, self.args = in_features, out_features, args
-        n_groups = in_features // args.group_size_for(in_features)
-        self.register_buffer("weight_q", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
-        zp = None if args.symmetric else torch.empty(out_features, n_groups, dtype=zp_dtype, device=device)
-        self.register_buffer("weight_zero_point", zp)
+        _register_grid_buffers(self, out_features, in_features, args, dtype, device)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
@@ -68,12 +73,7 @@ class QuantEmbedding(nn.Module):
                  device=None, embed_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.args = num_embeddings, embedding_dim, args
-        n_groups = embedding_dim // args.group_size_for(embedding_dim)
-        self.register_buffer("weight_q", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(num_embeddings, n_groups, dtype=dtype, device=device))
-        zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
-        zp = None if args.symmetric else torch.empty(num_embeddings, n_groups, dtype=zp_dtype, device=device)
-        self.register_buffer("weight_zero_point", zp)
+        _register_grid_buffers(self, num_embeddings, embedding_dim, args, dtype, device)
         self.register_buffer("embed_scale", None if embed_scale is None else embed_scale.detach().clone(), persistent=False)
 
     @classmethod
