@@ -96,3 +96,16 @@ def test_ignored_embeddings_stay_full_precision(model):
     compress_weights(model, "int4_sym", group_size=32, ignore=("model.embed_tokens",))
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_transformers_runs_a_mixed_checkpoint_with_an_int8_tied_table(model, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    compress_weights(model, "int4_sym", group_size=32, ratio=0.6)
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save_quantized(model, tiny_tokenizer, tmp_path, {})
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)

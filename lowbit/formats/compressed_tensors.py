@@ -105,26 +105,36 @@ def config_groups(layers: dict[str, QuantLinear]) -> dict:
     }
 
 
-def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantized modules by name, each stored once: a head that reads the embedding's codes is left out."""
+def _quantized_modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(quantized modules by name, each stored once; 8-bit tied heads that read another module's codes).
+
+    An 8-bit tied head is a target of its embedding's group, with its own copy of the scales: the
+    codes stay one tensor (``weight``, tied by transformers), but transformers decompresses the
+    embedding into a new tensor, which unties the head, so the head must be decompressed too. A
+    4-bit table is ``weight_packed``, which transformers does not tie: lowbit alone loads those.
+    """
     layers: dict[str, nn.Module] = {}
+    tied: dict[str, nn.Module] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZED) and module.weight_q.data_ptr() not in seen:
+        if isinstance(module, QUANTIZED):
+            if module.weight_q.data_ptr() not in seen:
+                layers[name] = module
+            elif module.args.num_bits == 8:
+                tied[name] = module
             seen.add(module.weight_q.data_ptr())
-            layers[name] = module
-    return layers
+    return layers, tied
 
 
 def quantization_config(model: nn.Module) -> dict:
-    layers = _quantized_modules(model)
+    layers, tied = _quantized_modules(model)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     formats = {_format(m.args) for m in layers.values()}
     return {
         "quant_method": "compressed-tensors",
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": config_groups(layers),
+        "config_groups": config_groups({**layers, **tied}),
         "ignore": ignore,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
@@ -154,8 +164,12 @@ def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor to save: quantized layers in the compressed layout, the rest as they are."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in _quantized_modules(model).items():
+    layers, tied = _quantized_modules(model)
+    for name, layer in layers.items():
         tensors.update(layer_tensors(name, layer))
+    for name, layer in tied.items():  # the codes are the embedding's; the scales are small
+        own = {k: v.clone() for k, v in layer_tensors(name, layer).items() if "weight_scale" in k or "zero_point" in k}
+        tensors.update(own)
     quantized = {n for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     seen: dict[int, str] = {}
     for name, p in model.state_dict(keep_vars=True).items():
@@ -222,6 +236,10 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
         if args is None:
             continue
         shape = tuple(module.weight.shape)
+        if f"{name}.weight" not in tensors and f"{name}.weight_packed" not in tensors and _is_tied_head(model, module):
+            tensors.pop(f"{name}.weight_scale", None)  # the head reads the embedding's table (tied below)
+            tensors.pop(f"{name}.weight_zero_point", None)
+            continue
         if args.num_bits == 8:
             q = tensors.pop(f"{name}.weight")
         else:
@@ -251,6 +269,10 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     model.config.quantization_config = qc
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
+
+
+def _is_tied_head(model: nn.Module, module: nn.Module) -> bool:
+    return module is model.get_output_embeddings() and getattr(model.config, "tie_word_embeddings", False)
 
 
 def _tie_output_projection(model: nn.Module) -> None:
