@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lowbit.algorithms import get_method
 from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS, LayerSensitivity, choose_primary, sensitivity
@@ -101,11 +102,11 @@ def check_options(
         raise LowbitError(f"ratio must be between 0 and 1, got {ratio}")
     if method not in DATA_FREE_METHODS:
         raise LowbitError(f"compress takes a data-free method ({', '.join(DATA_FREE_METHODS)}); got {method!r}")
-    metric = metric or ("hessian_input_activation" if has_dataset else "weight_error")
+    metric = metric or ("fisher" if has_dataset else "weight_error")
     if metric not in SENSITIVITY_METRICS:
         raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
-    if metric == "hessian_input_activation" and not has_dataset:
-        raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
+    if metric != "weight_error" and not has_dataset:
+        raise LowbitError(f"sensitivity metric {metric!r} needs a dataset (calibration text)")
     return metric
 
 
@@ -156,6 +157,30 @@ def activation_second_moments(model: nn.Module, names: list[str], windows: torch
     return {n: sums[n] / counts[n] for n in sums}
 
 
+def empirical_fisher(model: nn.Module, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """F_ij = mean over sequences s of (∂L_s/∂W_ij)² for the weight of each named module, L_s the
+    summed next-token loss of window s (one backward pass per window). Memory: two copies of the
+    named weights (gradient and running sum)."""
+    weights = {n: model.get_submodule(n).weight for n in names}
+    wanted = {id(w) for w in weights.values()}
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for window in windows.split(1):
+                logits = model(input_ids=window, use_cache=False).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for n, g in zip(weights, grads):
+                    fisher[n].addcmul_(g, g, value=1 / len(windows))
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous[name])
+    return fisher
+
+
 def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -177,7 +202,7 @@ def compress_weights(
     """Quantize ``model``'s Linears in place: ``ratio`` of the parameters in ``mode``, the rest int8.
 
     ``dataset``: token windows [n, seqlen] for data-aware sensitivity (default metric then
-    ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
+    ``fisher``, else ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
     or "hqq" (data-free). The embedding table (and an lm_head tied to it, which then reads the same
     quantized table) and an untied lm_head are int8 per-channel, unless ``all_layers`` ranks them
     with the rest; ``ignore`` (e.g. "model.embed_tokens") keeps a module in full precision.
@@ -186,10 +211,12 @@ def compress_weights(
     primary = mode_args(mode, group_size)
     algorithm = get_method(method)
     ranked, fixed, tied_head = _target_layers(model, all_layers, tuple(ignore))
-    stats = None
+    stats = fisher = None
+    linears = [n for n, m in ranked.items() if isinstance(m, nn.Linear)]
     if ratio < 1.0 and metric == "hessian_input_activation":
-        linears = [n for n, m in ranked.items() if isinstance(m, nn.Linear)]
         stats = activation_second_moments(model, linears, dataset)
+    if ratio < 1.0 and metric == "fisher":
+        fisher = empirical_fisher(model, list(ranked), dataset)
 
     total = len(ranked) + len(fixed)
     done = 0
@@ -202,7 +229,9 @@ def compress_weights(
         primary_results[name] = qw
         if ratio < 1.0:
             act = None if stats is None else stats.get(name)
-            sensitivities.append(LayerSensitivity(name, W.numel(), sensitivity(W, qw.dequantize(torch.float32), act)))
+            fisher_diag = None if fisher is None else fisher.pop(name)
+            score = sensitivity(W, qw.dequantize(torch.float32), act, fisher_diag)
+            sensitivities.append(LayerSensitivity(name, W.numel(), score))
     chosen = set(ranked) if ratio >= 1.0 else choose_primary(sensitivities, ratio)
     scores = {s.name: s.sensitivity for s in sensitivities}
 

@@ -41,11 +41,29 @@ def test_the_layers_kept_in_int8_are_the_most_sensitive(model):
     assert four and eight and max(four) <= min(eight)
 
 
-def test_data_aware_sensitivity_uses_activations(model, tiny_tokenizer):
+@pytest.mark.parametrize("metric", [None, "hessian_input_activation"])
+def test_data_aware_sensitivity_uses_the_data(model, tiny_tokenizer, metric):
     windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
-    report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows)
-    assert report.sensitivity_metric == "hessian_input_activation"
+    report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows, sensitivity_metric=metric)
+    assert report.sensitivity_metric == (metric or "fisher")
     assert all(layer.sensitivity is not None and layer.sensitivity >= 0 for layer in report.layers if layer.ranked)
+    assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+
+
+def test_empirical_fisher_is_the_mean_squared_per_window_gradient(model, tiny_tokenizer):
+    from lowbit.compression import empirical_fisher
+
+    windows = torch.randint(0, len(tiny_tokenizer), (3, 16))
+    name = "model.layers.1.mlp.down_proj"
+    fisher = empirical_fisher(model, [name], windows)[name]
+    expected = torch.zeros_like(fisher)
+    for w in windows:
+        logits = model(input_ids=w[None]).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum")
+        (g,) = torch.autograd.grad(loss, [model.get_submodule(name).weight])
+        expected += g * g / len(windows)
+    torch.testing.assert_close(fisher, expected)
+    assert fisher.abs().sum() > 0
 
 
 def test_data_aware_metric_without_data_is_refused(model):

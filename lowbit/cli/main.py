@@ -109,7 +109,7 @@ def compress(
     ratio: float = typer.Option(1.0, help="share of the parameters in MODE; the most sensitive rest stays int8"),
     method: str = typer.Option("rtn", help="data-free rounding: rtn or hqq"),
     sensitivity: Optional[str] = typer.Option(
-        None, help="weight_error (no data, default) or hessian_input_activation (needs --dataset)"
+        None, help="weight_error (no data, default), fisher (default with --dataset) or hessian_input_activation"
     ),
     dataset: Optional[str] = typer.Option(None, help="calibration text for data-aware sensitivity, e.g. shakespeare"),
     nsamples: int = typer.Option(32, help="calibration windows for --dataset"),
