@@ -12,7 +12,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms import get_method
-from lowbit.calibration.sampling import calibration_windows
+from lowbit.calibration.sampling import SELF_GENERATED, calibration_windows
 from lowbit.calibration.sequential import QuantizationReport, quantize_blocks
 from lowbit.data.corpora import calibration_text, evaluation_text
 from lowbit.errors import LowbitError
@@ -199,6 +199,8 @@ def compress(
             hf_model, mode, group_size or None, ratio, sensitivity_metric, all_layers, windows, method,
             tuple(ignore), on_layer=step,
         )
+    if report.sensitivity_metric == "fisher" and not dataset:
+        calib_record = {"corpus": "self-generated", "nsamples": SELF_GENERATED[0], "seqlen": SELF_GENERATED[1]}
     record = {
         "lowbit_version": lowbit.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lowbit.algorithms import get_method
 from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS, LayerSensitivity, choose_primary, sensitivity
+from lowbit.calibration.sampling import self_generated_windows
 from lowbit.calibration.sequential import target_linears
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of, decoder_blocks
@@ -105,8 +106,8 @@ def check_options(
     metric = metric or ("fisher" if has_dataset else "weight_error")
     if metric not in SENSITIVITY_METRICS:
         raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
-    if metric != "weight_error" and not has_dataset:
-        raise LowbitError(f"sensitivity metric {metric!r} needs a dataset (calibration text)")
+    if metric == "hessian_input_activation" and not has_dataset:
+        raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
     return metric
 
 
@@ -202,7 +203,8 @@ def compress_weights(
     """Quantize ``model``'s Linears in place: ``ratio`` of the parameters in ``mode``, the rest int8.
 
     ``dataset``: token windows [n, seqlen] for data-aware sensitivity (default metric then
-    ``fisher``, else ``hessian_input_activation``); without it the metric is ``weight_error``. ``method``: "rtn"
+    ``fisher``, else ``hessian_input_activation``); without it the metric is ``weight_error``, or
+    ``fisher`` on sequences the model samples itself (no data, about a minute for SmolLM2). ``method``: "rtn"
     or "hqq" (data-free). The embedding table (and an lm_head tied to it, which then reads the same
     quantized table) and an untied lm_head are int8 per-channel, unless ``all_layers`` ranks them
     with the rest; ``ignore`` (e.g. "model.embed_tokens") keeps a module in full precision.
@@ -216,7 +218,8 @@ def compress_weights(
     if ratio < 1.0 and metric == "hessian_input_activation":
         stats = activation_second_moments(model, linears, dataset)
     if ratio < 1.0 and metric == "fisher":
-        fisher = empirical_fisher(model, list(ranked), dataset)
+        windows = self_generated_windows(model) if dataset is None else dataset
+        fisher = empirical_fisher(model, list(ranked), windows)
 
     total = len(ranked) + len(fixed)
     done = 0

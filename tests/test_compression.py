@@ -50,6 +50,14 @@ def test_data_aware_sensitivity_uses_the_data(model, tiny_tokenizer, metric):
     assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
 
 
+def test_fisher_without_data_ranks_on_text_the_model_samples_itself(model):
+    report = compress_weights(model, "int4_sym", group_size=64, ratio=0.5, sensitivity_metric="fisher")
+    assert report.sensitivity_metric == "fisher"
+    four = [layer.sensitivity for layer in report.layers if layer.bits == 4 and layer.ranked]
+    eight = [layer.sensitivity for layer in report.layers if layer.bits == 8 and layer.ranked]
+    assert four and eight and max(four) <= min(eight) and max(eight) > 0
+
+
 def test_empirical_fisher_is_the_mean_squared_per_window_gradient(model, tiny_tokenizer):
     from lowbit.compression import empirical_fisher
 

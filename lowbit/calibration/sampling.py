@@ -37,3 +37,27 @@ def _wants_bos(tokenizer) -> bool:
     """Whether the tokenizer itself puts BOS at the start of a text (Llama-2, Gemma do; SmolLM2 does not)."""
     probe = tokenizer("a", add_special_tokens=True).input_ids
     return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+SELF_GENERATED = (8, 256)  # windows × tokens: enough for a Fisher ranking of SmolLM2's 210 layers
+
+
+@torch.no_grad()
+def self_generated_windows(
+    model, nsamples: int = SELF_GENERATED[0], seqlen: int = SELF_GENERATED[1], seed: int = 0
+) -> torch.Tensor:
+    """[nsamples, seqlen] token windows the model samples itself (temperature 1, no top-k/top-p),
+    starting from BOS: calibration text without a dataset, drawn from the model's own distribution
+    (as in LLM-QAT's data-free generation). The global RNG is left as it was."""
+    config = getattr(model, "generation_config", None) or model.config
+    start = next((t for t in (config.bos_token_id, config.eos_token_id, 0) if t is not None), 0)
+    start = start[0] if isinstance(start, (list, tuple)) else start
+    eos = config.eos_token_id
+    prompt = torch.full((nsamples, 1), start, dtype=torch.long)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        windows = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+    return windows[:, :seqlen]
