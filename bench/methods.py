@@ -60,13 +60,18 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=16384, help="evaluation tokens per row")
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--keep", action="store_true", help="keep the rows already in OUT/methods.json, run the others")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     wanted = set(a.only.split(",")) if a.only else None
     results_file = a.out / "methods.json"
+    kept = {r["label"]: r for r in json.loads(results_file.read_text())} if a.keep and results_file.exists() else {}
     rows: list[dict] = []
 
     def evaluate(label: str, model: str, command: list, quant: dict | None) -> dict:
+        if label in kept:
+            rows.append(kept[label])
+            return kept[label]
         result = run_json(lowbit("eval", model, "--ppl", a.ppl, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens,
                                  "--json"))[0]
         row = {"label": label, "command": " ".join(map(str, command)), "eval": result, "quantize": quant}
@@ -77,6 +82,9 @@ def main() -> None:
     def run_row(label: str, args: list) -> dict | None:
         if wanted and label not in wanted:
             return None
+        if label in kept:
+            rows.append(kept[label])
+            return kept[label]
         out = a.out / label.replace(" ", "_").replace("+", "-")
         command = ["lowbit", args[0], a.model, "-o", out, *args[1:], "--overwrite"]
         quant = run_json(lowbit(*command[1:], "--json"))
@@ -92,13 +100,14 @@ def main() -> None:
     for label, args in method_rows(a, 2, 32, best or ["gptq", "awq+gptq"]):
         run_row(label, args)
     run_row(f"ternary g{a.group}", ["quantize", "--method", "ternary", "--bits", 2, "--group-size", a.group])
-    for dataset in (None, a.calib):
+    sweeps = [("data-free", []),  # NNCF's weight_error, seconds
+              ("data-free fisher", ["--sensitivity", "fisher"]),  # on text the model samples itself
+              ("data-aware", ["--dataset", a.calib, "--nsamples", 32])]  # fisher on calibration text
+    for kind, extra in sweeps:
         for ratio in (1.0, 0.9, 0.8, 0.6):
-            kind = "data-aware" if dataset else "data-free"
-            args = ["compress", "--mode", "int4_sym", "--group-size", a.group, "--ratio", ratio]
-            args += ["--dataset", dataset, "--nsamples", 32] if dataset else []
-            if dataset and ratio == 1.0:
-                continue  # identical to the data-free ratio 1.0 row
+            if extra and ratio == 1.0:
+                continue  # identical to the data-free ratio 1.0 row: nothing to rank
+            args = ["compress", "--mode", "int4_sym", "--group-size", a.group, "--ratio", ratio, *extra]
             run_row(f"int4_sym g{a.group} ratio {ratio} {kind}", args)
     print_table(rows, a)
 

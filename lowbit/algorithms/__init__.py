@@ -1,9 +1,10 @@
 """Algorithms that choose where weights land on a scheme's grid (RTN, HQQ, GPTQ), behind one registry."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
-from lowbit.algorithms.awq import awq_transform_block
+from lowbit.algorithms.awq import awq_round, awq_transform_block
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
@@ -31,10 +32,10 @@ METHODS = {
     "ternary": Method("ternary", ternary_quantize, False, False, "ternary {-1,0,+1}·absmean (BitNet b1.58 rule), 2-bit storage"),
     "gptq": Method("gptq", gptq_quantize, True, True, "GPTQ: Hessian-aware rounding from calibration text",
                    uses_hessian=True),
-    "awq": Method("awq", rtn_quantize, True, False, "AWQ: activation-aware scales and clipping, then RTN",
+    "awq": Method("awq", awq_round, True, False, "AWQ: activation-aware scales and clipping, then RTN",
                   awq_transform_block),
-    "awq+gptq": Method("awq+gptq", gptq_quantize, True, True, "AWQ scales and clipping, then GPTQ rounding",
-                       awq_transform_block, uses_hessian=True),
+    "awq+gptq": Method("awq+gptq", gptq_quantize, True, True, "AWQ scales, then GPTQ rounding",
+                       partial(awq_transform_block, clip=False), uses_hessian=True),
 }
 
 

@@ -14,7 +14,8 @@ and makes the salient input channels cheaper to quantize. Next, for every linear
 
     m* = argmin_{m = (1 − k/n_c)·max|w_g|}  Σ_tokens ( x_g·(Q(clamp(w_g, ±m)) − w_g) )²
 
-The weights are left transformed in full precision; the rounding method (RTN or GPTQ) runs after.
+The weights are left transformed in full precision; the rounding runs after: RTN on the clipped
+ranges as they are (:func:`awq_round`: min-max; an MSE observer would clip a second time), or GPTQ.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import dequantize, quantize, resolve_group_size
@@ -148,12 +150,22 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, args: QuantizationArgs, rows_p
     return clipped.to(W.dtype)
 
 
+def awq_round(W: torch.Tensor, H: None, args: QuantizationArgs):
+    """RTN with min-max ranges: after the clipping search, the range of each group is the chosen one.
+
+    Measured on SmolLM2 W4 g64 (16k held-out tokens): 45.5 perplexity, against 48.9 when the MSE
+    observer shrinks the clipped ranges again (RTN alone: 49.3).
+    """
+    return rtn_quantize(W, H, replace(args, observer="minmax"))
+
+
 @torch.no_grad()
 def awq_transform_block(
-    block: nn.Module, calls: list, args: QuantizationArgs, smoothings: tuple[Smoothing, ...], norm_offset: float = 0.0
+    block: nn.Module, calls: list, args: QuantizationArgs, smoothings: tuple[Smoothing, ...], norm_offset: float = 0.0,
+    clip: bool = True,
 ) -> None:
-    """Smooth then clip the block's linears in place (full precision); ``calls`` are the block's
-    (hidden states, keyword arguments) per calibration batch. See the module docstring."""
+    """Smooth then (``clip``) clip the block's linears in place (full precision); ``calls`` are the
+    block's (hidden states, keyword arguments) per calibration batch. See the module docstring."""
     batches, tokens = [], 0
     for x, kw in calls:
         if tokens >= SEARCH_TOKENS:
@@ -173,6 +185,8 @@ def awq_transform_block(
         _scale_previous(previous, s, norm_offset)
         for layer in balance:
             layer.weight.data.mul_(s.to(layer.weight.dtype))
+    if not clip:
+        return
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in NO_CLIP}
     seen = _capture(block, batches, linears, rows=max(1, CLIP_TOKENS // len(batches)))
     for name, layer in linears.items():

@@ -33,11 +33,8 @@ def _block_inputs(model, ids):
     return [x], kwargs
 
 
-def test_smoothing_keeps_the_full_precision_function(tiny_tokenizer, monkeypatch):
-    """Scales moved from the norms into the linears change nothing before rounding."""
-    import lowbit.algorithms.awq as awq
-
-    monkeypatch.setattr(awq, "search_clip", lambda W, X, args: W)  # smoothing only
+def test_smoothing_keeps_the_full_precision_function(tiny_tokenizer):
+    """Scales moved from the norms into the linears change nothing before rounding (awq+gptq's transform)."""
     model = _salient_model(len(tiny_tokenizer))
     ids = torch.randint(0, len(tiny_tokenizer), (2, 32))
     block = model.model.layers[0]
@@ -47,7 +44,7 @@ def test_smoothing_keeps_the_full_precision_function(tiny_tokenizer, monkeypatch
     norm_before = block.input_layernorm.weight.clone()
     arch = architecture_of(model)
     calls = [(inputs[0], kwargs)]
-    awq_transform_block(block, calls, make_scheme(4, 32).weights, arch.smoothing, arch.norm_offset)
+    awq_transform_block(block, calls, make_scheme(4, 32).weights, arch.smoothing, arch.norm_offset, clip=False)
     with torch.no_grad():
         after = block(inputs[0], **kwargs)
     assert not torch.equal(norm_before, block.input_layernorm.weight)  # scales were moved
@@ -89,3 +86,14 @@ def test_smoothing_is_described_as_data_for_each_family():
             assert sm.balance and sm.inspect and sm.previous
     assert ARCHITECTURES["gemma3_text"].norm_offset == 1.0
     assert ARCHITECTURES["gemma3_text"].smoothing[2].previous == "pre_feedforward_layernorm"
+
+
+def test_awq_rounds_on_the_clipped_range_without_shrinking_it_again():
+    from lowbit.algorithms.awq import awq_round
+
+    torch.manual_seed(0)
+    W = torch.randn(8, 64).clamp(-2, 2)
+    W[:, 0] = 3.0  # each row's largest weight: the range AWQ's clipping left
+    qw, _ = awq_round(W, None, make_scheme(4, 64).weights)
+    W_hat = qw.dequantize(torch.float32)
+    torch.testing.assert_close(W_hat.abs().amax(dim=1), torch.full((8,), 3.0), rtol=0.07, atol=0)
