@@ -39,6 +39,14 @@ def test_mixed_precision_keeps_the_sensitive_layers_and_helps(rtn_w4):
     assert ppl(model, tok) < rtn_w4
 
 
+def test_fisher_ranking_without_data_closes_half_the_gap_at_ratio_0_8(rtn_w4):
+    full, tok, _ = load_model(MODEL)
+    fp = ppl(full, tok)
+    _, model, tok = api.compress(MODEL, mode="int4_sym", group_size=64, ratio=0.8, sensitivity_metric="fisher",
+                                 progress=False, return_model=True)
+    assert ppl(model, tok) < rtn_w4 - 0.5 * (rtn_w4 - fp)
+
+
 @pytest.mark.slow  # ~4 minutes on two cores; AWQ's mechanics are covered by tests/algorithms/test_awq.py
 def test_awq_beats_rtn_with_a_little_calibration(rtn_w4):
     _, model, tok = api.quantize(MODEL, make_scheme(4, 64), method="awq", calib="shakespeare", nsamples=16,
