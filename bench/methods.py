@@ -76,7 +76,8 @@ def main() -> None:
                                  "--json"))[0]
         row = {"label": label, "command": " ".join(map(str, command)), "eval": result, "quantize": quant}
         rows.append(row)
-        results_file.write_text(json.dumps(rows, indent=2))
+        done = {r["label"] for r in rows}
+        results_file.write_text(json.dumps(rows + [r for k, r in kept.items() if k not in done], indent=2))
         return row
 
     def run_row(label: str, args: list) -> dict | None:
