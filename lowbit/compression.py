@@ -204,7 +204,7 @@ def compress_weights(
 
     ``dataset``: token windows [n, seqlen] for data-aware sensitivity (default metric then
     ``fisher``, else ``hessian_input_activation``); without it the metric is ``weight_error``, or
-    ``fisher`` on sequences the model samples itself (no data, about a minute for SmolLM2). ``method``: "rtn"
+    ``fisher`` on sequences the model samples itself (no data; ~40 s for SmolLM2). ``method``: "rtn"
     or "hqq" (data-free). The embedding table (and an lm_head tied to it, which then reads the same
     quantized table) and an untied lm_head are int8 per-channel, unless ``all_layers`` ranks them
     with the rest; ``ignore`` (e.g. "model.embed_tokens") keeps a module in full precision.
@@ -214,8 +214,8 @@ def compress_weights(
     algorithm = get_method(method)
     ranked, fixed, tied_head = _target_layers(model, all_layers, tuple(ignore))
     stats = fisher = None
-    linears = [n for n, m in ranked.items() if isinstance(m, nn.Linear)]
     if ratio < 1.0 and metric == "hessian_input_activation":
+        linears = [n for n, m in ranked.items() if isinstance(m, nn.Linear)]
         stats = activation_second_moments(model, linears, dataset)
     if ratio < 1.0 and metric == "fisher":
         windows = self_generated_windows(model) if dataset is None else dataset
