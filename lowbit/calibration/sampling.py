@@ -50,14 +50,13 @@ def self_generated_windows(
     starting from BOS: calibration text without a dataset, drawn from the model's own distribution
     (as in LLM-QAT's data-free generation). The global RNG is left as it was."""
     config = getattr(model, "generation_config", None) or model.config
-    start = next((t for t in (config.bos_token_id, config.eos_token_id, 0) if t is not None), 0)
-    start = start[0] if isinstance(start, (list, tuple)) else start
-    eos = config.eos_token_id
+    bos, eos = (t[0] if isinstance(t, (list, tuple)) else t for t in (config.bos_token_id, config.eos_token_id))
+    start = next((t for t in (bos, eos) if t is not None), 0)
     prompt = torch.full((nsamples, 1), start, dtype=torch.long)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         windows = model.generate(
             prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=eos[0] if isinstance(eos, list) else eos,
+            max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=eos,
         )
     return windows[:, :seqlen]
