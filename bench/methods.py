@@ -2,7 +2,8 @@
 ``ratio`` sweep of mixed 4/8-bit, on one model and one held-out text.
 
 Every row is one ``lowbit quantize`` / ``lowbit compress`` command (printed with the row) followed by
-``lowbit eval``, each in its own process. W2 g32 runs for the two best methods at W3. Embeddings
+``lowbit eval``, each in its own process. W2 g32 runs for the two best methods at W3. AWQ and GPTQ
+also run on the asymmetric W4 grid (AutoAWQ's default) so they compare on the same grid. Embeddings
 stay in full precision except in the ``ratio`` rows, where ``compress`` keeps them (and the tied
 head) in int8 as NNCF does.
 
@@ -34,7 +35,12 @@ def method_rows(a, bits: int, group: int, methods: list[str]) -> list[tuple[str,
     """(label, CLI arguments after the model) for each method at one bit-width."""
     calib = ["--calib", a.calib, "--nsamples", a.nsamples, "--seqlen", a.seqlen]
     rows = []
-    for m in methods:
+    for spec in methods:
+        m, _, variant = spec.partition(" ")
+        if variant == "asym":  # the grid AutoAWQ uses by default, for a like-for-like AWQ/GPTQ pair
+            label = f"{m} W{bits} g{group} asym"
+            rows.append((label, ["quantize", "--method", m, "--bits", bits, "--group-size", group, "--asym", *calib]))
+            continue
         label = f"{m} W{bits} g{group}"
         if m in ("nf4", "fp4"):
             # embeddings kept in full precision, as in the quantize rows (compress makes them int8 by default)
@@ -92,7 +98,7 @@ def main() -> None:
         return evaluate(label, str(out), command, quant)
 
     evaluate("full precision", a.model, ["lowbit", "eval", a.model], None)
-    w4 = method_rows(a, 4, a.group, ["rtn", "hqq", "nf4", "fp4", "awq", "gptq", "awq+gptq"])
+    w4 = method_rows(a, 4, a.group, ["rtn", "hqq", "nf4", "fp4", "awq", "gptq", "awq+gptq", "awq asym", "gptq asym"])
     w3 = method_rows(a, 3, a.group, ["rtn", "hqq", "awq", "gptq", "awq+gptq"])
     for label, args in w4 + w3:
         run_row(label, args)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
-from lowbit.algorithms.awq import awq_round, awq_transform_block
+from lowbit.algorithms.awq import awq_round, awq_transform_block, gptq_rounding
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
@@ -35,7 +35,8 @@ METHODS = {
     "awq": Method("awq", awq_round, True, False, "AWQ: activation-aware scales and clipping, then RTN",
                   awq_transform_block),
     "awq+gptq": Method("awq+gptq", gptq_quantize, True, True, "AWQ scales, then GPTQ rounding",
-                       partial(awq_transform_block, clip=False), uses_hessian=True),
+                       partial(awq_transform_block, clip=False, rounding=gptq_rounding, n_grid=10),
+                       uses_hessian=True),
 }
 
 

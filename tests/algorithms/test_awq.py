@@ -1,8 +1,17 @@
 import pytest
 import torch
+import torch.nn as nn
 
 from lowbit.algorithms import get_method
-from lowbit.algorithms.awq import awq_transform_block, fake_quantize, search_clip
+from lowbit.algorithms.awq import (
+    awq_transform_block,
+    fake_quantize,
+    gptq_rounding,
+    rtn_rounding,
+    search_clip,
+    search_scales,
+)
+from lowbit.algorithms.gptq import HessianAccumulator
 from lowbit.calibration.sequential import quantize_blocks
 from lowbit.models.architectures import architecture_of
 from lowbit.schemes import make_scheme
@@ -97,3 +106,27 @@ def test_awq_rounds_on_the_clipped_range_without_shrinking_it_again():
     qw, _ = awq_round(W, None, make_scheme(4, 64).weights)
     W_hat = qw.dequantize(torch.float32)
     torch.testing.assert_close(W_hat.abs().amax(dim=1), torch.full((8,), 3.0), rtol=0.07, atol=0)
+
+
+@pytest.mark.parametrize("rounding", [rtn_rounding, gptq_rounding])
+def test_scale_search_never_does_worse_than_leaving_the_channels_alone(rounding):
+    """The search judges each candidate by the rounding that follows (RTN for awq, GPTQ for
+    awq+gptq) and may keep s = 1, so the chosen scales never lose to no scaling on its objective."""
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64, bias=False)
+    X = torch.randn(4, 32, 128)
+    X[..., :4] *= 30
+    args = make_scheme(3, 32, actorder=None).weights
+    W = layer.weight.data.clone()
+    acc = HessianAccumulator(128)
+    acc.add(X)
+    with torch.no_grad():
+        reference = layer(X)
+
+    def output_error(s):
+        W_hat = rounding(W * s, acc.H / (s[:, None] * s[None, :]), args) / s
+        return float(((X @ W_hat.t() - reference) ** 2).mean())
+
+    s = search_scales(layer, [((X,), {})], [layer], args, rounding)
+    assert torch.equal(layer.weight.data, W)  # the search leaves the weights as it found them
+    assert output_error(s) <= output_error(torch.ones(128))
