@@ -13,8 +13,9 @@ W3 g64, 32 calibration windows, 60.1 perplexity against 56.0 with the GPTQ-aware
 for GPTQ alone; GPTQ per candidate is slower, so that search uses n = 10). s = 1 lets the search
 leave an op's channels as they are. Then the balance linears keep W·diag s and the previous op's output channels are divided by s
 (a norm's weight, or a Linear's rows and bias), which leaves the full-precision function unchanged
-and makes the salient input channels cheaper to quantize. Next, for every linear except q/k
-(whose errors softmax forgives), each output row and group gets a clipping range:
+and makes the salient input channels cheaper to quantize. Next, for every linear (q/k too, which
+AutoAWQ leaves out: clipping them measured 44.3 against 45.2 perplexity on SmolLM2 W4 g64), each
+output row and group gets a clipping range:
 
     m* = argmin_{m = (1 − k/n_c)·max|w_g|}  Σ_tokens ( x_g·(Q(clamp(w_g, ±m)) − w_g) )²
 
@@ -41,7 +42,6 @@ N_CLIP = 20
 MAX_CLIP_SHRINK = 0.5
 CLIP_TOKENS = 512
 SEARCH_TOKENS = 4096  # calibration tokens the searches run on (the first batches): ~6 s per SmolLM2 block
-NO_CLIP = ("q_proj", "k_proj")
 
 
 def fake_quantize(W: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
@@ -223,7 +223,7 @@ def awq_transform_block(
             layer.weight.data.mul_(s.to(layer.weight.dtype))
     if not clip:
         return
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in NO_CLIP}
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     seen = _capture(block, batches, linears, rows=max(1, CLIP_TOKENS // len(batches)))
     for name, layer in linears.items():
         layer.weight.data = search_clip(layer.weight.data, torch.cat(seen[name]), args)
