@@ -5,14 +5,15 @@ linears), with x̄_j = mean |x_j| the input channels' mean magnitude over the ca
 w̄_j the mean over output rows of |W_ij| relative to its group's max (AutoAWQ's "duo scaling"):
 
     s(α) = x̄^α / w̄^(1−α), normalised by √(max s · min s),     α ∈ {0, 1/n, …, (n−1)/n}
-    s*   = argmin_{s ∈ {1} ∪ {s(α)}} ‖ M(X; Q(W·diag s)·diag s⁻¹) − M(X; W) ‖²   (M: the ``inspect`` module)
+    s*   = argmin_{s ∈ {1} ∪ {s(α)}} ‖ M(X; Q(W·diag s)·diag s⁻¹) − M(X; W) ‖²  (M: ``inspect``)
 
 where Q is the rounding that follows: RTN for ``awq``; GPTQ for ``awq+gptq``, given the scaled
 inputs' Hessian diag(s)⁻¹ H diag(s)⁻¹ (scales chosen for RTN's error hurt GPTQ at 3 bits: SmolLM2
 W3 g64, 32 calibration windows, 60.1 perplexity against 56.0 with the GPTQ-aware search and 56.8
 for GPTQ alone; GPTQ per candidate is slower, so that search uses n = 10). s = 1 lets the search
-leave an op's channels as they are. Then the balance linears keep W·diag s and the previous op's output channels are divided by s
-(a norm's weight, or a Linear's rows and bias), which leaves the full-precision function unchanged
+leave an op's channels as they are. Then the balance linears keep W·diag s and the previous op's
+output channels are divided by s (a norm's weight, or a Linear's rows and bias), which leaves the
+full-precision function unchanged
 and makes the salient input channels cheaper to quantize. Next, for every linear (q/k too, which
 AutoAWQ leaves out: clipping them measured 44.3 against 45.2 perplexity on SmolLM2 W4 g64), each
 output row and group gets a clipping range:
@@ -125,7 +126,7 @@ def search_scales(
     inspect: nn.Module, calls: list, balance: list[nn.Linear], args: QuantizationArgs, rounding=rtn_rounding,
     n_grid: int = N_GRID,
 ) -> torch.Tensor:
-    """s(α*) for one smoothing (see the module docstring); ``calls`` are the inspect module's inputs.
+    """s* for one smoothing (see the module docstring); ``calls`` are the inspect module's inputs.
 
     ``rounding(W, H, args)`` is Q: the rounding that will follow, given the balance linears' input
     Hessian H = 2/n Σ x xᵀ; the scaled inputs x/s have H / (s sᵀ).
