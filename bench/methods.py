@@ -36,11 +36,8 @@ def method_rows(a, bits: int, group: int, methods: list[str]) -> list[tuple[str,
     calib = ["--calib", a.calib, "--nsamples", a.nsamples, "--seqlen", a.seqlen]
     rows = []
     for spec in methods:
-        m, _, variant = spec.partition(" ")
-        if variant == "asym":  # the grid AutoAWQ uses by default, for a like-for-like AWQ/GPTQ pair
-            label = f"{m} W{bits} g{group} asym"
-            rows.append((label, ["quantize", "--method", m, "--bits", bits, "--group-size", group, "--asym", *calib]))
-            continue
+        m, _, variant = spec.partition(" ")  # "awq asym": the grid AutoAWQ uses by default, for a like-for-like pair
+        asym = ["--asym"] if variant == "asym" else []
         label = f"{m} W{bits} g{group}"
         if m in ("nf4", "fp4"):
             # embeddings kept in full precision, as in the quantize rows (compress makes them int8 by default)
@@ -51,7 +48,8 @@ def method_rows(a, bits: int, group: int, methods: list[str]) -> list[tuple[str,
         elif m == "rtn":
             rows.append((label, ["quantize", "--method", "rtn", "--bits", bits, "--group-size", group]))
         else:
-            rows.append((label, ["quantize", "--method", m, "--bits", bits, "--group-size", group, *calib]))
+            rows.append((label + (" asym" if asym else ""),
+                         ["quantize", "--method", m, "--bits", bits, "--group-size", group, *asym, *calib]))
     return rows
 
 
