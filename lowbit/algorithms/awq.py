@@ -131,21 +131,21 @@ def search_scales(
     ``rounding(W, H, args)`` is Q: the rounding that will follow, given the balance linears' input
     Hessian H = 2/n Σ x xᵀ; the scaled inputs x/s have H / (s sᵀ).
     """
-    x_abs = None
-    count = 0
-    for a, k in calls:
-        x = _first(a) if a else k["hidden_states"]
-        x = x.reshape(-1, x.shape[-1]).float()
-        x_abs = x.abs().sum(dim=0) if x_abs is None else x_abs + x.abs().sum(dim=0)
-        count += x.shape[0]
-    x_mean = x_abs / count
-    w_mean = _relative_weight_magnitude(balance, resolve_group_size(args, balance[0].in_features))
     hessian = HessianAccumulator(balance[0].in_features)
-    hook = balance[0].register_forward_pre_hook(lambda _m, a: hessian.add(a[0]))
+    x_abs = torch.zeros(balance[0].in_features)
+
+    def observe(_module, a):
+        x = a[0].reshape(-1, a[0].shape[-1]).float()
+        x_abs.add_(x.abs().sum(dim=0))
+        hessian.add(x)
+
+    hook = balance[0].register_forward_pre_hook(observe)
     try:
         reference = [_first(inspect(*a, **k)) for a, k in calls]
     finally:
         hook.remove()
+    x_mean = x_abs / hessian.n
+    w_mean = _relative_weight_magnitude(balance, resolve_group_size(args, balance[0].in_features))
     originals = [layer.weight.data.clone() for layer in balance]
     best_err, best_s = float("inf"), torch.ones_like(x_mean)
     for s in _candidate_scales(x_mean, w_mean, n_grid):
