@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from lowbit.runtime.cpu import apply_torch_switches  # noqa: E402  (before torch's first use)
+
+apply_torch_switches()
+
 from lowbit.api import compress, evaluate, quantize  # noqa: E402
 from lowbit.compression import compress_weights  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402

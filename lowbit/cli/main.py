@@ -11,6 +11,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from lowbit import __version__
 from lowbit.errors import LowbitError
 
 app = typer.Typer(
@@ -269,6 +270,48 @@ def bench(
         emit_json(result)
     else:
         print_table(speed_table(result))
+
+
+@app.command()
+def env(
+    model: Annotated[Optional[str], typer.Argument(help="also load this model and show each layer kind's kernel")] = None,
+    quantization: Quantization = None,
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """What lowbit found on this CPU, which kernels it builds, and (with MODEL) which each layer runs."""
+    from lowbit.cli.report import emit_json, env_table, print_table
+    from lowbit.runtime.cpu import describe, forced_isa
+    from lowbit.runtime.kernels import unavailable_reason
+
+    forced_isa()
+    reason = unavailable_reason()
+    build = {"lowbit kernels": "built" if reason is None else f"unavailable: {reason}"}
+    kernels = None
+    if model is not None:
+        kernels = _load_llm(model, quantization, 256, "int8", None, False, False).kernels()
+    cpu = describe()
+    if as_json:
+        emit_json({"lowbit": __version__, **cpu, **build, "kernels": kernels})
+    else:
+        print_table(env_table(cpu, build, kernels))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lowbit.cli.report import cpu_line
+        from lowbit.runtime.cpu import describe
+
+        print(f"lowbit {__version__}")
+        print(cpu_line(describe()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="print the version and what lowbit found on this CPU")] = None,
+):
+    pass
 
 
 def main() -> None:

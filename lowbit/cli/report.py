@@ -89,9 +89,36 @@ def speed_table(r: dict) -> Table:
         ("peak RSS", gb(r["peak_rss_bytes"])),
         (f"prefill {r['prompt_tokens']} tok/s, median (best)", f"{r['prefill_tok_s_median']:.0f} ({r['prefill_tok_s_max']:.0f})"),
         (f"decode {r['decode_tokens']} tok/s, median (best)", f"{r['decode_tok_s_median']:.1f} ({r['decode_tok_s_max']:.1f})"),
+        ("cpu", cpu_line(r["cpu"])),
+        *((f"kernel: {kind}", kernel) for kind, kernel in r["kernels"].items()),
+        *(("notice", line) for line in r["notices"]),
     ]
     for key, value in rows:
         table.add_row(key, value)
+    return table
+
+
+def cpu_line(c: dict) -> str:
+    """The CPU, its features and what lowbit chose, in one line."""
+    have = " ".join(name for name, present in c["features"].items() if present) or "none of note"
+    forced = f", forced by LOWBIT_ISA={c['forced_isa']}" if c["forced_isa"] else ""
+    return (f"{c['cpu']} ({c['machine']}; {have}); kernels {c['kernel_isa']}{forced}, compute {c['compute_dtype']},"
+            f" torch capability {c['torch_cpu_capability']}, {c['threads']} threads")
+
+
+def env_table(c: dict, build: dict, kernels: dict | None) -> Table:
+    table = Table(title="lowbit env", show_header=False)
+    table.add_row("cpu", f"{c['cpu']} ({c['machine']})")
+    table.add_row("features", " ".join(f"{k}{'' if v else ' (no)'}" for k, v in c["features"].items()) or "-")
+    table.add_row("native kernel level", c["native_isa"])
+    table.add_row("kernel level used", c["kernel_isa"] + (f" (LOWBIT_ISA={c['forced_isa']})" if c["forced_isa"] else ""))
+    table.add_row("compute dtype", c["compute_dtype"])
+    table.add_row("torch CPU capability", c["torch_cpu_capability"])
+    table.add_row("threads", str(c["threads"]))
+    for key, value in build.items():
+        table.add_row(key, value)
+    for kind, kernel in (kernels or {}).items():
+        table.add_row(f"kernel: {kind}", kernel)
     return table
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from lowbit.evaluation.footprint import folder_size, peak_rss_bytes
+from lowbit.runtime.cpu import describe as describe_cpu
 
 
 @dataclass
@@ -33,6 +34,9 @@ class SpeedResult:
     prefill_tok_s_max: float
     decode_tok_s_median: float
     decode_tok_s_max: float
+    cpu: dict
+    kernels: dict
+    notices: list
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,5 +93,8 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
         prefill_tok_s_max=max(prefill),
         decode_tok_s_median=statistics.median(decode),
         decode_tok_s_max=max(decode),
+        cpu=describe_cpu(),
+        kernels=llm.kernels(),
+        notices=list(llm.notices),
     )
 

@@ -1,5 +1,6 @@
 """A lean decoder for Llama-style models (gpt-fast style): static shapes, a preallocated KV cache,
-fused q/k/v and gate/up projections running on packed low-bit kernels, bf16 on CPU.
+fused q/k/v and gate/up projections running on packed low-bit kernels, the residual stream in
+float32 and GEMMs in the CPU's compute dtype (:func:`lowbit.runtime.cpu.compute_dtype`).
 
 One step computes, for each block,
 
@@ -8,8 +9,9 @@ One step computes, for each block,
     x = RMSNorm(h);  h = h + (SiLU(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
 
 Family differences are data (:data:`FAMILIES`); other families use transformers' own forward.
-Single-token steps run in one call of lowbit's compiled ``DecodeStep`` (``csrc/decode_step.cpp``)
-when every projection uses a kernel it can call; prompts (and anything else) run the PyTorch code below.
+Single-token steps run in one call of lowbit's compiled ``DecodeStep`` (``csrc/decode_step.cpp``),
+which calls packed and dense projections itself and any other module back through Python;
+prompts run the PyTorch code below, which computes the same steps in the same precision.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.runtime.kernels import DenseLinear, Int4Linear, Int8Linear, fast_linear
-from lowbit.runtime.native import decode_step_module
+from lowbit.runtime.cpu import compute_dtype
+from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, unavailable_reason
+from lowbit.runtime.native import native_module
 from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
 
@@ -57,15 +60,13 @@ def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype)
     return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
 
 
-def _step_operands(m: nn.Module):
-    """(kind, a, b, group) of a projection as ``DecodeStep`` takes it, or None for kernels it does not call."""
-    if isinstance(m, Int4Linear):
-        return 1, m.packed, m.scale_zero, m.group_size
-    if isinstance(m, Int8Linear):
-        return 2, m.q, m.scale, 0
+def _step_projection(native, m: nn.Module):
+    """A projection as ``DecodeStep`` runs it: lowbit's packed kernel, a dense GEMV, or a call back into ``m``."""
+    if isinstance(m, PackedLinear):
+        return native.Projection.packed(m.packed, m.scale, m.offset, m.bits, m.group_size, m.in_features, m.bias)
     if isinstance(m, DenseLinear):
-        return 0, m.weight, m.weight, 0
-    return None
+        return native.Projection.dense(m.weight, m.bias)
+    return native.Projection.callback(lambda x: m(x.to(torch.float32)), m.in_features, m.out_features)
 
 
 def _tied(head: nn.Module, table: nn.Module) -> bool:
@@ -83,10 +84,10 @@ class _Block(nn.Module):
         self.o = _fused([attn.o_proj], quantize, dtype)
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], quantize, dtype)
         self.down = _fused([mlp.down_proj], quantize, dtype)
-        self.register_buffer("norm_attn", layer.input_layernorm.weight.detach().to(dtype))
-        self.register_buffer("norm_mlp", layer.post_attention_layernorm.weight.detach().to(dtype))
-        self.q_norm = attn.q_norm.weight.detach().to(dtype) if family.qk_norm else None
-        self.k_norm = attn.k_norm.weight.detach().to(dtype) if family.qk_norm else None
+        self.register_buffer("norm_attn", layer.input_layernorm.weight.detach().float())
+        self.register_buffer("norm_mlp", layer.post_attention_layernorm.weight.detach().float())
+        self.q_norm = attn.q_norm.weight.detach().float() if family.qk_norm else None
+        self.k_norm = attn.k_norm.weight.detach().float() if family.qk_norm else None
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
         self.intermediate = mlp.gate_proj.out_features
@@ -101,11 +102,12 @@ class LeanDecoder(nn.Module):
         max_len: int,
         quantize: Optional[WeightQuantizer] = None,
         quantize_head: Optional[WeightQuantizer] = None,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         config = hf_model.config
         family = FAMILIES[config.model_type]
+        dtype = dtype or compute_dtype()
         self.dtype, self.max_len = dtype, max_len
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -113,11 +115,11 @@ class LeanDecoder(nn.Module):
         self.eps = config.rms_norm_eps
         inner = hf_model.model
         self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
-        self.register_buffer("norm", inner.norm.weight.detach().to(dtype))
+        self.register_buffer("norm", inner.norm.weight.detach().float())
         self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
         table = inner.embed_tokens
-        # A tied int8 head doubles as the embedding table (rows looked up and rescaled): one copy, not two.
-        self.shared_embedding = _tied(hf_model.lm_head, table) and isinstance(self.lm_head, Int8Linear)
+        # A tied packed head doubles as the embedding table (rows dequantized when looked up): one copy, not two.
+        self.shared_embedding = _tied(hf_model.lm_head, table) and isinstance(self.lm_head, PackedLinear)
         quantized_table = isinstance(table, QuantEmbedding) and not self.shared_embedding
         self.quantized_embed = table if quantized_table else None  # rows dequantized when looked up
         plain = not self.shared_embedding and not quantized_table
@@ -126,35 +128,47 @@ class LeanDecoder(nn.Module):
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
         cos, sin = inner.rotary_emb(probe, positions)
-        self.register_buffer("cos", cos[0].to(dtype))
-        self.register_buffer("sin", sin[0].to(dtype))
+        self.register_buffer("cos", cos[0].float())
+        self.register_buffer("sin", sin[0].float())
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
-        self.step = self._compiled_step(cos[0], sin[0])
+        self.step_unavailable = unavailable_reason() if self.dtype in (torch.float32, torch.bfloat16) else (
+            f"compute dtype {self.dtype}")
+        self.step = None if self.step_unavailable else self._compiled_step(native_module())
 
-    def _compiled_step(self, cos: torch.Tensor, sin: torch.Tensor):
-        """The one-call decode step over this decoder's weights and cache, or None where it cannot run."""
-        linears = [m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
-        if self.dtype != torch.bfloat16 or not all(_step_operands(m) for m in linears):
-            return None
-        module = decode_step_module()
-        if module is None:
-            return None
-        step = module.DecodeStep(
-            self.heads, self.kv_heads, self.head_dim, self.eps, cos, sin, self.k_cache, self.v_cache, self.norm
+    def _compiled_step(self, native):
+        """The one-call decode step over this decoder's weights and cache."""
+        step = native.DecodeStep(
+            self.heads, self.kv_heads, self.head_dim, self.eps, self.cos, self.sin, self.k_cache, self.v_cache,
+            self.norm,
         )
         for b in self.blocks:
-            ops = [_step_operands(m) for m in (b.qkv, b.o, b.gate_up, b.down)]
-            kinds, a, bb, groups = (list(x) for x in zip(*ops))
-            biases = [m.bias for m in (b.qkv, b.o, b.gate_up, b.down)]
-            step.add_block(kinds, a, bb, groups, biases, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm)
-        step.set_head(*_step_operands(self.lm_head), self.lm_head.bias)
+            projections = [_step_projection(native, m) for m in (b.qkv, b.o, b.gate_up, b.down)]
+            step.add_block(*projections, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm)
+        head = _step_projection(native, self.lm_head)
+        step.set_head(head)
         if self.shared_embedding:
-            step.set_embedding(self.lm_head.q, self.lm_head.scale)
+            step.set_embedding_rows(head)
         elif self.embed is not None:
-            step.set_embedding(self.embed.contiguous(), None)
+            step.set_embedding_table(self.embed)
         return step
+
+    def projections(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every projection, named as the checkpoint's layers."""
+        parts = (("qkv", "self_attn.qkv"), ("o", "self_attn.o_proj"), ("gate_up", "mlp.gate_up"), ("down", "mlp.down_proj"))
+        named = [(f"model.layers.{i}.{label}", getattr(b, attr)) for i, b in enumerate(self.blocks) for attr, label in parts]
+        return named + [("lm_head", self.lm_head)]
+
+    def kernels(self) -> dict[str, str]:
+        """Which kernel each kind of projection runs, and how a decode step runs."""
+        kinds: dict[str, set[str]] = {}
+        for name, m in self.projections():
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(m.kernel)
+        report = {kind: " + ".join(sorted(k)) for kind, k in kinds.items()}
+        report["decode step"] = ("compiled (csrc/decode_step.cpp)" if self.step is not None
+                                 else f"PyTorch loop ({self.step_unavailable})")
+        return report
 
     @staticmethod
     def supports(hf_model: nn.Module) -> bool:
@@ -162,10 +176,10 @@ class LeanDecoder(nn.Module):
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quantized_embed is not None:
-            return self.quantized_embed(ids).to(self.dtype)
+            return self.quantized_embed(ids).float()
         if self.shared_embedding:
-            return self.lm_head.q[ids].to(self.dtype) * self.lm_head.scale[ids][..., None]
-        return F.embedding(ids, self.embed)
+            return self.lm_head.rows(ids)
+        return F.embedding(ids, self.embed).float()
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
@@ -184,8 +198,9 @@ class LeanDecoder(nn.Module):
         """
         end = start + T
         k, v = self.k_cache[i, 0, :, :end], self.v_cache[i, 0, :, :end]
-        if T == 1:
-            return F.scaled_dot_product_attention(q, k[None], v[None], enable_gqa=True)
+        if T == 1:  # float32, as the compiled step computes it
+            return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True)
+        q = q.to(k.dtype)
         rep, d = self.heads // self.kv_heads, self.head_dim
         out = torch.empty_like(q)
         for r0 in range(0, T, ATTENTION_CHUNK):
@@ -196,7 +211,7 @@ class LeanDecoder(nn.Module):
             causal = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0)
             probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(q.dtype)
             out[0, :, r0:r1] = (probs.view(self.kv_heads, rep * n, ctx) @ v[:, :ctx]).view(self.heads, n, d)
-        return out
+        return out.float()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:

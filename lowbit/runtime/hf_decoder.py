@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.models.architectures import decoder_blocks
+from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kernels import fast_linear
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -15,9 +16,11 @@ from lowbit.runtime.qlinear import QuantLinear
 class HFDecoder(nn.Module):
     """``logits = decoder(ids [1, T], start)``, keeping a DynamicCache between calls."""
 
-    def __init__(self, hf_model: nn.Module, max_len: int, quantize=None, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, hf_model: nn.Module, max_len: int, quantize=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        dtype = dtype or compute_dtype()
         self.max_len = max_len
+        self.dtype = dtype
         self.model = hf_model.to(dtype).eval()
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         try:
@@ -38,6 +41,19 @@ class HFDecoder(nn.Module):
         if isinstance(module, nn.Linear) and quantize is not None:
             return quantize(module.weight.detach(), module.bias, dtype)
         return None
+
+    def projections(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every Linear lowbit swapped in."""
+        return [(name, m) for name, m in self.model.named_modules() if hasattr(m, "kernel") and hasattr(m, "fallback")]
+
+    def kernels(self) -> dict[str, str]:
+        """Which kernel each kind of projection runs, and how a decode step runs."""
+        kinds: dict[str, set[str]] = {}
+        for name, m in self.projections():
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(m.kernel)
+        report = {kind: " + ".join(sorted(k)) for kind, k in kinds.items()}
+        report["decode step"] = f"transformers forward ({self.model.config.model_type} has no lean decoder)"
+        return report
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:

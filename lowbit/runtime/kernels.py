@@ -1,260 +1,153 @@
-"""Linear layers that compute straight from packed low-bit weights, choosing the kernel by shape.
+"""Linear layers of the runtime, each computing from its weights as stored, the kernel chosen by shape.
 
-* :class:`Int4Linear` (default): torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) for decode-sized
-  inputs (few rows), and for prefill a transient bf16 dequantization of the same packed bytes
-  followed by a dense bf16 GEMM (the int4 kernel is slower than dense bf16 for many rows).
-* :class:`NativeInt4Linear`: lowbit's AVX-512 VNNI kernel, for shapes torch's kernel does not take
-  (or for all int4 layers with ``LOWBIT_NATIVE=1``; measured ~20% slower than torch's on SmolLM2).
-* :class:`Int8Linear`: ``_weight_int8pack_mm`` (per-channel int8) for decode, dequantize for prefill.
-* :class:`DequantLinear`: the portable path for every layout lowbit saves (2/3-bit, odd group sizes,
-  CUDA): int8 codes, dequantized per call.
+* :class:`PackedLinear`: every integer grid lowbit saves that its kernels take (2/3/4/8 bits, sym or
+  asym, groups of 32·k or per channel): the weights stay packed (:mod:`lowbit.runtime.layout`);
+  up to ``DECODE_ROWS`` input rows run lowbit's GEMV for this CPU's ISA level (``csrc/qgemv.cpp``),
+  more rows dequantize the layer once per call and run a dense GEMM in the compute dtype.
+* :class:`DenseLinear`: full-precision weights in the compute dtype; also the stand-in, announced,
+  for a quantized layer the kernels cannot take (code books, odd group sizes, no compiler).
+* :class:`Fp8Linear`: float8 e4m3 weights, upcast per call (no fp8 GEMM on CPU).
 
-All take bf16 activations on CPU (the quantized kernels take a 10–30× slower path for fp32).
-Weights are stored once, in their packed form: nothing keeps a full-precision copy.
+The compute dtype (:func:`lowbit.runtime.cpu.compute_dtype`) is bfloat16 only where the CPU has bf16
+arithmetic; elsewhere bf16 GEMMs are several times slower than float32.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.schemes.grid import QuantizedWeight, dequantize
-
-DECODE_ROWS = 4
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-
-
-INT4_BLOCK_N = 64
+from lowbit.runtime.cpu import compute_dtype, selected_isa
+from lowbit.runtime.layout import DECODE_ROWS, PackedWeight, dequantize_packed, pack, why_not_packable
+from lowbit.runtime.native import build_failure, disabled, native_module
+from lowbit.schemes.grid import QuantizedWeight
 
 
-def _has_op(name: str) -> bool:
-    return hasattr(torch.ops.aten, name)
-
-
-def unpack_int4_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Codes [N, K] from torch's CPU int4 layout.
-
-    For N a multiple of 64 the layout is [N/64, K, 32] bytes: byte j of column k in row block b
-    holds row 64b + j in its low nibble and row 64b + j + 32 in its high nibble.
-    """
-    p = packed.reshape(n // INT4_BLOCK_N, k, INT4_BLOCK_N // 2)
-    u = torch.cat([p & 0xF, p >> 4], dim=-1)
-    return u.permute(0, 2, 1).reshape(n, k)
-
-
-@functools.lru_cache(maxsize=1)
-def _int4_layout_is_known() -> bool:
-    """Whether this torch build has the int4 CPU kernel with the layout :func:`unpack_int4_cpu_layout` reads."""
-    if not _has_op("_weight_int4pack_mm_for_cpu"):
-        return False
-    u = torch.randint(0, 16, (2 * INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-    return torch.equal(unpack_int4_cpu_layout(packed, *u.shape).to(torch.int32), u)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _FastLinear(nn.Module):
     in_features: int
     out_features: int
+    kernel: str = ""  # what computes this layer, in words
+    fallback: Optional[str] = None  # why a quantized layer is not on its fast path (None: it is)
 
     def __init__(self, bias: Optional[torch.Tensor], dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
-        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int4Linear(_FastLinear):
-    """4-bit weights in torch's CPU int4 layout: ``packed`` uint8 [N, K/2] and ``scale_zero`` [K/g, N, 2].
+class PackedLinear(_FastLinear):
+    """A quantized layer in lowbit's packed layout: ``packed`` uint8, ``scale``/``offset`` float16."""
 
-    The kernel computes w = (u − 8)·s + m for u ∈ [0, 15]; lowbit's w = (q − z)·s with q = u − 8
-    maps to m = −z·s.
-    """
-
-    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
+    def __init__(self, qw: QuantizedWeight, native, bias: Optional[torch.Tensor] = None, dtype=torch.float32):
         super().__init__(bias, dtype)
+        self.native = native
         self.out_features, self.in_features = qw.shape
-        self.group_size = qw.group_size
-        u = (qw.q.to(torch.int32) + 8).contiguous()
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1))
-        s = qw.scale.float()
-        m = torch.zeros_like(s) if qw.zero_point is None else -qw.zero_point.float() * s
-        self.register_buffer("scale_zero", torch.stack([s.t(), m.t()], dim=2).to(dtype).contiguous())
+        pw = pack(qw)
+        self.bits, self.group_size = pw.bits, pw.group_size
+        self.register_buffer("packed", pw.packed)
+        self.register_buffer("scale", pw.scale)
+        self.register_buffer("offset", pw.offset)
+        self.kernel = f"lowbit {self.bits}-bit GEMV ({native.ISA}), prefill: {_dtype_name(dtype)} GEMM"
 
-    @staticmethod
-    def supports(qw: QuantizedWeight) -> bool:
-        n, k = qw.shape
-        return (
-            qw.args.num_bits == 4
-            and not qw.args.is_codebook
-            and qw.group_size in INT4_GROUP_SIZES
-            and n % INT4_BLOCK_N == 0
-            and _int4_layout_is_known()
-        )
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return self.native.dequantize(self.packed, self.scale, self.offset, self.bits, self.group_size,
+                                      self.in_features, dtype or self.dtype)
 
-    def unpacked_codes(self) -> torch.Tensor:
-        """u ∈ [0, 15] as uint8 [N, K] (see :func:`unpack_int4_cpu_layout`)."""
-        return unpack_int4_cpu_layout(self.packed, self.out_features, self.in_features)
-
-    def dequantized(self) -> torch.Tensor:
-        from lowbit.runtime.native import decode_step_module
-
-        native = decode_step_module()
-        if native is not None and self.dtype == torch.bfloat16:
-            return native.int4_dequantize(self.packed, self.scale_zero, self.group_size, self.out_features, self.in_features)
-        g = self.group_size
-        u = self.unpacked_codes().to(self.dtype).reshape(self.out_features, -1, g)
-        s = self.scale_zero[..., 0].t().unsqueeze(-1)
-        m = self.scale_zero[..., 1].t().unsqueeze(-1)
-        return ((u - 8) * s + m).reshape(self.out_features, self.in_features)
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight in float32 (a tied head lends them to the embedding)."""
+        flat = ids.reshape(-1)
+        pw = PackedWeight(self.packed[flat], self.scale[flat], None if self.offset is None else self.offset[flat],
+                          self.bits, self.group_size, (flat.numel(), self.in_features))
+        return dequantize_packed(pw).reshape(*ids.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
-        if x2.shape[0] <= DECODE_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
-        else:
-            y = F.linear(x2, self.dequantized())
-        return self._add_bias(y).reshape(*shape[:-1], self.out_features)
-
-
-class NativeInt4Linear(_FastLinear):
-    """4-bit weights for lowbit's own AVX-512 VNNI kernel (``csrc/q4gemv.cpp``).
-
-    ``packed`` uint8 [N, K/2] holds, per 64-column chunk, column b in the low nibble and b + 32 in
-    the high nibble of byte b; ``scale_offset`` float32 [N, K/g, 2] holds (s, o) with w = s·u + o,
-    u ∈ [0, 15]. Decode-sized inputs go through the kernel (activations quantized to int8 per 32,
-    as llama.cpp does); larger ones dequantize to bf16 and use a dense GEMM.
-    """
-
-    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
-        super().__init__(bias, dtype)
-        from lowbit.runtime.native import q4_kernels
-
-        self.kernels = q4_kernels()
-        self.out_features, self.in_features = n, k = qw.shape
-        self.group_size = qw.group_size
-        u = (qw.q.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 64, 2, 32)
-        self.register_buffer("packed", (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous())
-        s = qw.scale.float()
-        z = torch.zeros_like(s) if qw.zero_point is None else qw.zero_point.float()
-        self.register_buffer("scale_offset", torch.stack([s, -s * (8 + z)], dim=-1).contiguous())
-
-    @staticmethod
-    def supports(qw: QuantizedWeight) -> bool:
-        from lowbit.runtime.native import q4_kernels
-
-        n, k = qw.shape
-        g = qw.group_size
-        return qw.args.num_bits == 4 and not qw.args.is_codebook and k % 64 == 0 and g % 32 == 0 and k % g == 0 and q4_kernels() is not None
-
-    def dequantized(self) -> torch.Tensor:
-        n, k, g = self.out_features, self.in_features, self.group_size
-        p = self.packed.reshape(n, k // 64, 1, 32)
-        u = torch.cat([p & 0xF, p >> 4], dim=2).reshape(n, k // g, g).to(self.dtype)
-        so = self.scale_offset.to(self.dtype)
-        return (u * so[..., :1] + so[..., 1:]).reshape(n, k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= 8:
-            y = self.kernels.q4_gemv(x2.float().contiguous(), self.packed, self.scale_offset, self.group_size)
-            y = y.to(self.dtype)
-        else:
-            y = F.linear(x2.to(self.dtype), self.dequantized())
-        return self._add_bias(y).reshape(*shape[:-1], self.out_features)
-
-
-class Int8Linear(_FastLinear):
-    """Per-channel int8 weights [N, K] with scales [N], for ``_weight_int8pack_mm`` (symmetric only)."""
-
-    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
-        super().__init__(bias, dtype)
-        self.out_features, self.in_features = qw.shape
-        self.register_buffer("q", qw.q.contiguous())
-        self.register_buffer("scale", qw.scale[:, 0].to(dtype).contiguous())
-
-    @staticmethod
-    def supports(qw: QuantizedWeight) -> bool:
-        return (
-            qw.args.num_bits == 8
-            and not qw.args.is_codebook
-            and qw.args.strategy == "channel"
-            and qw.zero_point is None
-            and _has_op("_weight_int8pack_mm")
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.dtype)
         if x2.shape[0] <= DECODE_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+            y = self.native.gemv(x2.float().contiguous(), self.packed, self.scale, self.offset, self.bits,
+                                 self.group_size)
         else:
-            y = F.linear(x2, self.q.to(self.dtype) * self.scale[:, None])
-        return self._add_bias(y).reshape(*shape[:-1], self.out_features)
+            y = F.linear(x2.to(self.dtype), self.dense_weight())
+        return self._finish(y, x)
 
 
-class DequantLinear(_FastLinear):
-    """Any lowbit layout: int8 codes plus scales, dequantized to the compute dtype on every call."""
+class DenseLinear(_FastLinear):
+    """A full-precision Linear held in the compute dtype."""
 
-    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.float32,
+                 fallback: Optional[str] = None):
         super().__init__(bias, dtype)
-        self.out_features, self.in_features = qw.shape
-        self.args = qw.args
-        self.register_buffer("q", qw.q)
-        self.register_buffer("scale", qw.scale.to(dtype))
-        self.register_buffer("zero_point", qw.zero_point)
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
+        self.fallback = fallback
+        self.kernel = f"dense {_dtype_name(dtype)}" + (" (dequantized at load)" if fallback else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(QuantizedWeight(self.q, self.scale, self.zero_point, self.args), self.dtype)
-        return self._add_bias(F.linear(x.to(self.dtype), w))
+        return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), self.weight), x)
 
 
 class Fp8Linear(_FastLinear):
     """float8 e4m3 weights [N, K] with a per-channel scale [N]; upcast per call (no fp8 GEMM on CPU)."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
+    fallback = "no fp8 kernel on CPU: weights upcast on every call"
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.float32):
         super().__init__(bias, dtype)
         self.out_features, self.in_features = weight.shape
         fp8 = torch.float8_e4m3fn
         scale = (weight.abs().amax(dim=1).float() / torch.finfo(fp8).max).clamp(min=1e-12)
         self.register_buffer("weight", (weight.float() / scale[:, None]).to(fp8))
         self.register_buffer("scale", scale.to(dtype))
+        self.kernel = f"fp8 upcast to {_dtype_name(dtype)} per call"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x.to(self.dtype), self.weight.to(self.dtype) * self.scale[:, None]))
+        w = self.weight.to(self.dtype) * self.scale[:, None]
+        return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), w), x)
 
 
-class DenseLinear(_FastLinear):
-    """A full-precision Linear held in the compute dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.bfloat16):
-        super().__init__(bias, dtype)
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(F.linear(x.to(self.dtype), self.weight))
+def unavailable_reason() -> Optional[str]:
+    """Why lowbit's kernels cannot run here (None when they can)."""
+    if disabled():
+        return "LOWBIT_NATIVE=0"
+    if native_module() is None:
+        return build_failure(selected_isa()) or "lowbit's kernels could not be built"
+    return None
 
 
-def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="cpu", dtype=torch.bfloat16):
-    """The fastest module that computes this layer exactly as stored on this device."""
+def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="cpu", dtype=None) -> nn.Module:
+    """The fastest module that computes this layer as stored, on this device and CPU."""
+    dtype = dtype or compute_dtype()
     if qw is None:
         return DenseLinear(weight, bias, dtype)
-    prefer_native = os.environ.get("LOWBIT_NATIVE") == "1"
-    if device == "cpu" and prefer_native and NativeInt4Linear.supports(qw):
-        return NativeInt4Linear(qw, bias, dtype)
-    if device == "cpu" and Int4Linear.supports(qw):
-        return Int4Linear(qw, bias, dtype)
-    if device == "cpu" and NativeInt4Linear.supports(qw):
-        return NativeInt4Linear(qw, bias, dtype)
-    if device == "cpu" and Int8Linear.supports(qw):
-        return Int8Linear(qw, bias, dtype)
-    return DequantLinear(qw, bias, dtype)
+    reason = why_not_packable(qw) if device == "cpu" else f"no packed kernel on {device}"
+    if reason is None:
+        reason = unavailable_reason()
+    if reason is None:
+        return PackedLinear(qw, native_module(), bias, dtype)
+    return DenseLinear(qw.dequantize(torch.float32), bias, dtype, fallback=reason)
+
+
+def fallback_notice(named: Iterable[tuple[str, nn.Module]]) -> Optional[str]:
+    """One line naming the layers off their fast path, why, and what it costs (None if there are none)."""
+    slow = [(name, m) for name, m in named if getattr(m, "fallback", None)]
+    if not slow:
+        return None
+    reasons = sorted({m.fallback for _, m in slow})
+    names = ", ".join(name for name, _ in slow[:3]) + (f", … ({len(slow)} in all)" if len(slow) > 3 else "")
+    dense = [m for _, m in slow if isinstance(m, DenseLinear)]
+    cost = ""
+    if dense:
+        extra = sum(m.weight.numel() * m.weight.element_size() for m in dense) / 1e6
+        cost = (f"; held dequantized in {_dtype_name(dense[0].dtype)} ({extra:.0f} MB), so decode reads"
+                f" {dense[0].weight.element_size() * 2}x the bytes of a 4-bit layer")
+    return f"lowbit: {names} off the packed kernels ({'; '.join(reasons)}){cost}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -9,8 +10,10 @@ from typing import Iterator, Optional, Union
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.cpu import forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.runtime.hf_decoder import HFDecoder
+from lowbit.runtime.kernels import fallback_notice
 from lowbit.runtime.onthefly import ON_THE_FLY, quantizer_for
 from lowbit.runtime.sampling import SamplingParams, sample
 
@@ -33,8 +36,9 @@ class LLM:
 
     ``quantization`` ("int8", "int4", "fp8") quantizes a full-precision checkpoint's decoder linears
     with RTN at load time. ``lm_head="int8"`` (default) runs the output projection in per-channel
-    int8 (a quarter of the bytes of bf16, perplexity unchanged within noise); "bf16" keeps it.
-    Llama-style families run on lowbit's lean decoder; others on transformers' forward.
+    int8 (a quarter of the bytes of bf16, perplexity unchanged within noise); "dense" keeps it in
+    the compute dtype. Llama-style families run on lowbit's lean decoder; others on transformers'
+    forward. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
     """
 
     def __init__(
@@ -51,8 +55,9 @@ class LLM:
 
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
-        if lm_head not in ("int8", "bf16"):
-            raise LowbitError(f"lm_head must be 'int8' or 'bf16', got {lm_head!r}")
+        if lm_head not in ("int8", "dense", "bf16"):
+            raise LowbitError(f"lm_head must be 'int8' or 'dense', got {lm_head!r}")
+        forced_isa()  # an unknown LOWBIT_ISA is refused before the model loads
         if threads:
             torch.set_num_threads(threads)
         from lowbit.evaluation.footprint import current_rss_bytes
@@ -74,10 +79,26 @@ class LLM:
         else:
             self.decoder = HFDecoder(hf_model, self.max_model_len, body)
         del hf_model
+        self.notices = self._notices()
+        for line in self.notices:
+            print(line, file=sys.stderr, flush=True)
         self.eos_ids = self._eos_ids()
         self.load_time_s = time.perf_counter() - start
         _release_freed_memory()
         self.rss_after_load_bytes = current_rss_bytes()
+
+    def _notices(self) -> list[str]:
+        """One line per slower path this model takes: layers off the packed kernels, no compiled step."""
+        lines = [fallback_notice(self.decoder.projections())]
+        if getattr(self.decoder, "step_unavailable", None):
+            lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
+                         " runs the PyTorch loop, several times slower")
+        return [line for line in lines if line]
+
+    def kernels(self) -> dict[str, str]:
+        """What this CPU was found to compute and which kernel each kind of layer runs."""
+        return {"kernel ISA": selected_isa(), "compute dtype": str(self.decoder.dtype).removeprefix("torch."),
+                **self.decoder.kernels()}
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()

@@ -71,9 +71,15 @@ def _family_model(family: str, vocab: int):
     return model
 
 
-@pytest.mark.parametrize("case", ["llama int4", "llama dense", "llama int4 + int8 head", "qwen2 int4", "qwen3 int4"])
+@pytest.mark.parametrize(
+    "case", ["llama int4", "llama dense", "llama int4 + int8 head", "llama fp8", "llama w3", "qwen2 int4", "qwen3 int4"]
+)
 def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokenizer):
-    """One-call C++ decode steps give the logits of the PyTorch path, deep into the cache (several chunks)."""
+    """One-call C++ decode steps give the logits of the PyTorch path, deep into the cache (several chunks).
+
+    Both keep the residual stream in float32 and call the same kernels, so they agree to float rounding;
+    fp8 layers (no C++ kernel) are called back through Python without turning the compiled step off.
+    """
     from lowbit.runtime.onthefly import quantizer_for
 
     family, body = case.split()[:2]
@@ -82,10 +88,11 @@ def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokeni
         model.config.max_position_embeddings = 512
     else:
         model = _family_model(family, len(tiny_tokenizer))
-    if body == "int4":
-        quantize_blocks(model, make_scheme(4, 64), get_method("rtn"))
+    if body in ("int4", "w3"):
+        quantize_blocks(model, make_scheme(4 if body == "int4" else 3, 64), get_method("rtn"))
     head = quantizer_for("int8") if case.endswith("int8 head") else None
-    decoder = LeanDecoder(model, max_len=320, quantize_head=head)
+    body_quantizer = quantizer_for("fp8") if body == "fp8" else None
+    decoder = LeanDecoder(model, max_len=320, quantize=body_quantizer, quantize_head=head)
     if decoder.step is None:
         pytest.skip("lowbit's native code cannot be built on this machine")
     ids = torch.randint(0, model.config.vocab_size, (1, 304))
@@ -96,7 +103,7 @@ def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokeni
     reference = [decoder(ids[:, i : i + 1], i)[0, -1] for i in range(300, 304)]
     decoder.step = step
     for a, b in zip(compiled, reference):
-        assert float((a - b).abs().max()) < 0.03 * float(b.abs().max())
+        assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())
         assert int(a.argmax()) == int(b.argmax())
 
 
@@ -113,7 +120,7 @@ def test_chunked_prompt_attention_equals_one_chunk(quantized_model, monkeypatch)
     torch.testing.assert_close(chunked, whole, rtol=0.01, atol=0.01)
 
 
-@pytest.mark.parametrize("all_layers", [False, True])  # int8 table shared with the head; int4 table and head
+@pytest.mark.parametrize("all_layers", [False, True])  # the int8 or int4 table is the tied head's: one copy
 def test_quantized_embeddings_run_in_the_lean_decoder(tiny_tokenizer, all_layers):
     from lowbit.compression import compress_weights
 
@@ -124,7 +131,7 @@ def test_quantized_embeddings_run_in_the_lean_decoder(tiny_tokenizer, all_layers
     with torch.no_grad():
         ref = model(input_ids=ids).logits[0]
     decoder = LeanDecoder(model, max_len=64)
-    assert decoder.shared_embedding == (not all_layers)
+    assert decoder.shared_embedding
     out = decoder(ids, 0, last_only=False)[0]
     assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
     decoder(ids[:, :19], 0)

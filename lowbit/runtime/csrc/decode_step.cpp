@@ -1,76 +1,138 @@
 // One decode step of a Llama-style decoder in a single call (gpt-fast's lean loop, without Python).
 //
-// For token t at position p, with the residual stream h kept in float32:
+// For token t at position p, with the residual stream h kept in float32 (as the PyTorch path keeps it):
 //   h = E[t]
 //   for each block:  x = RMSNorm(h) * w_attn;  [q k v] = x W_qkvᵀ (+ b);  (q, k = RMSNorm per head)
 //                    q, k = RoPE_p(q, k);  K[p], V[p] = k, v
 //                    a_h = softmax(q_h · K_{0..p}ᵀ / √d) V_{0..p}       (head h reads kv head h / (H / H_kv))
 //                    h += a W_oᵀ;  x = RMSNorm(h) * w_mlp;  [g u] = x W_guᵀ;  h += (SiLU(g) ⊙ u) W_downᵀ
 //   logits = (RMSNorm(h) * w_final) W_headᵀ
-// The projections call torch's packed CPU kernels (int4, int8) or a dense bf16 GEMV on bf16 inputs;
-// the small vector work (norms, RoPE, attention over the bf16 KV cache) is plain loops here.
+// A projection is lowbit's packed kernel (qgemv.cpp, float32 in and out), a dense GEMV in the weight's
+// dtype, or a Python callable for anything else, so no layer keeps the whole step from running here.
+// The KV cache is float32 or bfloat16 (the compute dtype); attention accumulates in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
+
+#include "qgemv.h"
 
 namespace {
 
 using at::Tensor;
 
-enum Kind : int64_t { kDense = 0, kInt4 = 1, kInt8 = 2 };
-
-struct Linear {
-  int64_t kind;
-  Tensor a, b;  // dense: (weight, -); int4: (packed, scale_zero); int8: (codes, scales)
-  int64_t group;
-  c10::optional<Tensor> bias;
-
-  Tensor operator()(const Tensor& x) const {
-    Tensor y;
-    if (kind == kInt4)
-      y = at::_weight_int4pack_mm_for_cpu(x, a, group, b);
-    else if (kind == kInt8)
-      y = at::_weight_int8pack_mm(x, a, b);
-    else
-      y = at::linear(x, a);
-    if (bias) y.add_(*bias);
-    return y;
-  }
-};
-
-struct Block {
-  Linear qkv, o, gate_up, down;
-  std::vector<float> norm_attn, norm_mlp, q_norm, k_norm;
-};
+enum Kind : int64_t { kDense = LOWBIT_KIND_DENSE, kPacked = LOWBIT_KIND_PACKED, kCallback = LOWBIT_KIND_CALLBACK };
 
 std::vector<float> to_floats(const Tensor& t) {
   Tensor f = t.to(at::kFloat).contiguous();
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-// out = x / sqrt(mean(x²) + eps) * w, written as bf16 (the projections' input dtype).
-void rms_norm(const float* x, const float* w, int64_t n, double eps, at::BFloat16* out) {
+// y [N] = W x [K] (+ b), float32 in and out.
+class Projection {
+ public:
+  static std::shared_ptr<Projection> packed(Tensor packed, Tensor scale, c10::optional<Tensor> offset, int64_t bits,
+                                            int64_t group, int64_t in_features, c10::optional<Tensor> bias) {
+    auto p = std::make_shared<Projection>();
+    p->kind_ = kPacked;
+    p->tensors_ = {packed, scale};
+    if (offset) p->tensors_.push_back(*offset);
+    p->view_ = lowbit::packed_view(packed, scale, offset, bits, group, in_features);
+    p->N_ = p->view_.N, p->K_ = in_features;
+    p->set_bias(bias);
+    return p;
+  }
+
+  static std::shared_ptr<Projection> dense(Tensor weight, c10::optional<Tensor> bias) {
+    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "dense weight: contiguous [N, K]");
+    auto p = std::make_shared<Projection>();
+    p->kind_ = kDense;
+    p->tensors_ = {weight};
+    p->N_ = weight.size(0), p->K_ = weight.size(1);
+    p->set_bias(bias);
+    return p;
+  }
+
+  static std::shared_ptr<Projection> callback(pybind11::function fn, int64_t in_features, int64_t out_features) {
+    auto p = std::make_shared<Projection>();
+    p->kind_ = kCallback;
+    p->fn_ = std::move(fn);
+    p->N_ = out_features, p->K_ = in_features;
+    return p;
+  }
+
+  ~Projection() {
+    if (fn_) {
+      pybind11::gil_scoped_acquire gil;
+      fn_ = pybind11::function();
+    }
+  }
+
+  void operator()(const float* x, float* y) const {
+    if (kind_ == kPacked) {
+      lowbit::packed_gemv(x, 1, K_, view_, y);
+    } else if (kind_ == kDense) {
+      const Tensor& w = tensors_[0];
+      Tensor xt = at::from_blob(const_cast<float*>(x), {1, K_}, at::kFloat).to(w.scalar_type());
+      copy_out(at::linear(xt, w), y);
+    } else {
+      pybind11::gil_scoped_acquire gil;
+      Tensor xt = at::from_blob(const_cast<float*>(x), {1, K_}, at::kFloat).clone();
+      copy_out(fn_(xt).cast<Tensor>(), y);
+    }
+    if (!bias_.empty())
+      for (int64_t j = 0; j < N_; ++j) y[j] += bias_[j];
+  }
+
+  // Row n of the weight as float32 (the embedding of a tied packed head).
+  void row(int64_t n, float* out) const {
+    TORCH_CHECK(kind_ == kPacked, "only a packed projection lends its rows to the embedding");
+    lowbit::dequantize_range(view_, n, n + 1, out);
+  }
+
+  int64_t kind() const { return kind_; }
+  int64_t out_features() const { return N_; }
+  int64_t in_features() const { return K_; }
+
+ private:
+  void set_bias(const c10::optional<Tensor>& bias) {
+    if (bias) bias_ = to_floats(*bias);
+  }
+
+  void copy_out(const Tensor& r, float* y) const {
+    Tensor f = r.to(at::kFloat).contiguous();
+    TORCH_CHECK(f.numel() == N_, "projection returned ", f.numel(), " values, expected ", N_);
+    std::memcpy(y, f.data_ptr<float>(), N_ * sizeof(float));
+  }
+
+  int64_t kind_ = kDense, N_ = 0, K_ = 0;
+  std::vector<Tensor> tensors_;  // keeps the weights alive behind view_
+  lowbit::PackedWeight view_{};
+  pybind11::function fn_;
+  std::vector<float> bias_;
+};
+
+using ProjectionPtr = std::shared_ptr<Projection>;
+
+struct Block {
+  ProjectionPtr qkv, o, gate_up, down;
+  std::vector<float> norm_attn, norm_mlp, q_norm, k_norm;
+};
+
+void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float r = 1.f / std::sqrt(ss / n + static_cast<float>(eps));
-  for (int64_t i = 0; i < n; ++i) out[i] = at::BFloat16(x[i] * r * w[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
 }
 
-void rms_norm_inplace(float* x, const float* w, int64_t n, double eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float r = 1.f / std::sqrt(ss / n + static_cast<float>(eps));
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * r * w[i];
-}
-
-// bf16 → float32 is a 16-bit shift; written on the raw bits so that the loops below vectorize.
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;  // a shift: keeps the loops below vectorisable
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
@@ -112,137 +174,141 @@ class DecodeStep {
              Tensor v_cache, Tensor final_norm)
       : heads_(heads), kv_heads_(kv_heads), d_(head_dim), eps_(eps), cos_(cos.to(at::kFloat).contiguous()),
         sin_(sin.to(at::kFloat).contiguous()), k_cache_(k_cache), v_cache_(v_cache), final_norm_(to_floats(final_norm)) {
-    TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous(), "KV cache: contiguous bfloat16");
+    const auto t = k_cache.scalar_type();
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat) && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    v_cache.scalar_type() == t,
+                "KV cache: contiguous float32 or bfloat16");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(2) == kv_heads && k_cache.size(4) == head_dim, "KV cache shape");
     max_len_ = k_cache.size(3);
   }
 
-  void add_block(std::vector<int64_t> kinds, std::vector<Tensor> a, std::vector<Tensor> b, std::vector<int64_t> groups,
-                 std::vector<c10::optional<Tensor>> biases, Tensor norm_attn, Tensor norm_mlp,
-                 c10::optional<Tensor> q_norm, c10::optional<Tensor> k_norm) {
-    TORCH_CHECK(kinds.size() == 4 && a.size() == 4 && b.size() == 4 && groups.size() == 4 && biases.size() == 4,
-                "a block has four projections: qkv, o, gate_up, down");
-    Block blk{linear(kinds[0], a[0], b[0], groups[0], biases[0]), linear(kinds[1], a[1], b[1], groups[1], biases[1]),
-              linear(kinds[2], a[2], b[2], groups[2], biases[2]), linear(kinds[3], a[3], b[3], groups[3], biases[3]),
-              to_floats(norm_attn), to_floats(norm_mlp)};
+  void add_block(ProjectionPtr qkv, ProjectionPtr o, ProjectionPtr gate_up, ProjectionPtr down, Tensor norm_attn,
+                 Tensor norm_mlp, c10::optional<Tensor> q_norm, c10::optional<Tensor> k_norm) {
+    Block blk{qkv, o, gate_up, down, to_floats(norm_attn), to_floats(norm_mlp)};
     if (q_norm) blk.q_norm = to_floats(*q_norm);
     if (k_norm) blk.k_norm = to_floats(*k_norm);
     blocks_.push_back(std::move(blk));
   }
 
-  // The embedding: a bf16 table [V, D], or int8 codes [V, D] with per-row scales (a tied int8 head).
-  void set_embedding(Tensor table, c10::optional<Tensor> scale) {
-    embed_ = table;
-    embed_scale_ = scale ? c10::optional<Tensor>(scale->to(at::kFloat).contiguous()) : c10::nullopt;
+  // The embedding: a dense table [V, D] (float32 or bfloat16), or the rows of a tied packed head.
+  void set_embedding_table(Tensor table) {
+    TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), "embedding table: contiguous [V, D]");
+    embed_ = table.scalar_type() == at::kBFloat16 ? table : table.to(at::kFloat).contiguous();
+    embed_rows_ = nullptr;
   }
 
-  void set_head(int64_t kind, Tensor a, Tensor b, int64_t group, c10::optional<Tensor> bias) {
-    head_ = linear(kind, a, b, group, bias);
+  void set_embedding_rows(ProjectionPtr head) {
+    TORCH_CHECK(head->kind() == kPacked, "a tied embedding must be a packed head");
+    embed_rows_ = head;
   }
+
+  void set_head(ProjectionPtr head) { head_ = head; }
 
   // Logits [1, V] (float32) for `token` at `position`; writes this position's keys and values.
   // `row` (float32 [D]) replaces the table lookup for embeddings this step does not hold.
   Tensor forward(int64_t token, int64_t position, c10::optional<Tensor> row) {
     TORCH_CHECK(position >= 0 && position < max_len_, "position beyond the KV cache");
-    TORCH_CHECK(head_.has_value() && (embed_.defined() || row), "decode step not fully built");
-    const int64_t D = row ? row->numel() : embed_.size(1), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
-    std::vector<float> h(D), q(q_size), k(kv_size), attn(q_size);
+    TORCH_CHECK(head_ && (embed_.defined() || embed_rows_ || row), "decode step not fully built");
+    const int64_t D = head_->in_features(), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
+    std::vector<float> h(D), x(D), qkv(q_size + 2 * kv_size), attn(q_size);
     if (row) {
       Tensor r = row->to(at::kFloat).contiguous();
+      TORCH_CHECK(r.numel() == D, "embedding row of the wrong width");
       std::copy(r.data_ptr<float>(), r.data_ptr<float>() + D, h.begin());
     } else {
-      embed(token, h.data());
+      embed(token, h.data(), D);
     }
-    Tensor x = at::empty({1, D}, at::TensorOptions().dtype(at::kBFloat16));
-    Tensor a_in = at::empty({1, q_size}, x.options());
-    auto* xp = x.data_ptr<at::BFloat16>();
     const float* cos = cos_.data_ptr<float>() + position * d_;
     const float* sin = sin_.data_ptr<float>() + position * d_;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& blk = blocks_[i];
-      rms_norm(h.data(), blk.norm_attn.data(), D, eps_, xp);
-      Tensor qkv = blk.qkv(x).to(at::kFloat).contiguous();
-      const float* qkvp = qkv.data_ptr<float>();
-      std::copy(qkvp, qkvp + q_size, q.begin());
-      std::copy(qkvp + q_size, qkvp + q_size + kv_size, k.begin());
-      const float* v = qkvp + q_size + kv_size;
+      rms_norm(h.data(), blk.norm_attn.data(), D, eps_, x.data());
+      (*blk.qkv)(x.data(), qkv.data());
+      float *q = qkv.data(), *k = q + q_size, *v = k + kv_size;
       for (int64_t hd = 0; hd < heads_; ++hd) {
-        if (!blk.q_norm.empty()) rms_norm_inplace(q.data() + hd * d_, blk.q_norm.data(), d_, eps_);
-        rope(q.data() + hd * d_, cos, sin, d_);
+        if (!blk.q_norm.empty()) rms_norm(q + hd * d_, blk.q_norm.data(), d_, eps_, q + hd * d_);
+        rope(q + hd * d_, cos, sin, d_);
       }
-      at::BFloat16* kc = k_cache_.data_ptr<at::BFloat16>() + i * kv_heads_ * max_len_ * d_;
-      at::BFloat16* vc = v_cache_.data_ptr<at::BFloat16>() + i * kv_heads_ * max_len_ * d_;
       for (int64_t g = 0; g < kv_heads_; ++g) {
-        if (!blk.k_norm.empty()) rms_norm_inplace(k.data() + g * d_, blk.k_norm.data(), d_, eps_);
-        rope(k.data() + g * d_, cos, sin, d_);
-        at::BFloat16* kdst = kc + (g * max_len_ + position) * d_;
-        at::BFloat16* vdst = vc + (g * max_len_ + position) * d_;
-        for (int64_t j = 0; j < d_; ++j) {
-          kdst[j] = at::BFloat16(k[g * d_ + j]);
-          vdst[j] = at::BFloat16(v[g * d_ + j]);
-        }
+        if (!blk.k_norm.empty()) rms_norm(k + g * d_, blk.k_norm.data(), d_, eps_, k + g * d_);
+        rope(k + g * d_, cos, sin, d_);
       }
-      attend(q.data(), kc, vc, position + 1, attn.data());
-      auto* ap = a_in.data_ptr<at::BFloat16>();
-      for (int64_t j = 0; j < q_size; ++j) ap[j] = at::BFloat16(attn[j]);
-      add_into(h.data(), blk.o(a_in));
-      rms_norm(h.data(), blk.norm_mlp.data(), D, eps_, xp);
-      Tensor gu = blk.gate_up(x).to(at::kFloat).contiguous();
-      const int64_t I = gu.size(1) / 2;
-      Tensor act = at::empty({1, I}, x.options());
-      const float* g = gu.data_ptr<float>();
-      auto* actp = act.data_ptr<at::BFloat16>();
-      for (int64_t j = 0; j < I; ++j) actp[j] = at::BFloat16(g[j] / (1.f + std::exp(-g[j])) * g[I + j]);
-      add_into(h.data(), blk.down(act));
+      if (k_cache_.scalar_type() == at::kBFloat16)
+        store_and_attend<at::BFloat16>(i, position, q, k, v, attn.data());
+      else
+        store_and_attend<float>(i, position, q, k, v, attn.data());
+      add_projection(*blk.o, attn.data(), h.data());
+      rms_norm(h.data(), blk.norm_mlp.data(), D, eps_, x.data());
+      const int64_t I = blk.gate_up->out_features() / 2;
+      gu_.resize(2 * I);
+      (*blk.gate_up)(x.data(), gu_.data());
+      for (int64_t j = 0; j < I; ++j) gu_[j] = gu_[j] / (1.f + std::exp(-gu_[j])) * gu_[I + j];
+      add_projection(*blk.down, gu_.data(), h.data());
     }
-    rms_norm(h.data(), final_norm_.data(), D, eps_, xp);
-    return (*head_)(x).to(at::kFloat);
+    rms_norm(h.data(), final_norm_.data(), D, eps_, x.data());
+    Tensor logits = at::empty({1, head_->out_features()}, at::TensorOptions().dtype(at::kFloat));
+    (*head_)(x.data(), logits.data_ptr<float>());
+    return logits;
   }
 
  private:
-  static Linear linear(int64_t kind, Tensor a, Tensor b, int64_t group, c10::optional<Tensor> bias) {
-    TORCH_CHECK(kind == kDense || kind == kInt4 || kind == kInt8, "unknown projection kind");
-    return Linear{kind, a, b, group, bias};
-  }
-
-  void embed(int64_t token, float* h) const {
-    TORCH_CHECK(token >= 0 && token < embed_.size(0), "token id out of range");
-    const int64_t D = embed_.size(1);
-    if (embed_scale_) {
-      const int8_t* row = embed_.data_ptr<int8_t>() + token * D;
-      const float s = embed_scale_->data_ptr<float>()[token];
-      for (int64_t j = 0; j < D; ++j) h[j] = row[j] * s;
+  void embed(int64_t token, float* h, int64_t D) const {
+    if (embed_rows_) {
+      TORCH_CHECK(token >= 0 && token < embed_rows_->out_features(), "token id out of range");
+      embed_rows_->row(token, h);
+      return;
+    }
+    TORCH_CHECK(token >= 0 && token < embed_.size(0) && embed_.size(1) == D, "token id out of range");
+    if (embed_.scalar_type() == at::kBFloat16) {
+      const at::BFloat16* r = embed_.data_ptr<at::BFloat16>() + token * D;
+      for (int64_t j = 0; j < D; ++j) h[j] = to_float(r[j]);
     } else {
-      const at::BFloat16* row = embed_.data_ptr<at::BFloat16>() + token * D;
-      for (int64_t j = 0; j < D; ++j) h[j] = static_cast<float>(row[j]);
+      const float* r = embed_.data_ptr<float>() + token * D;
+      std::copy(r, r + D, h);
     }
   }
 
-  static void add_into(float* h, const Tensor& y) {
-    Tensor f = y.to(at::kFloat).contiguous();
-    const float* p = f.data_ptr<float>();
-    for (int64_t j = 0; j < f.numel(); ++j) h[j] += p[j];
+  void add_projection(const Projection& p, const float* x, float* h) {
+    out_.resize(p.out_features());
+    p(x, out_.data());
+    for (int64_t j = 0; j < p.out_features(); ++j) h[j] += out_[j];
+  }
+
+  template <typename T>
+  void store_and_attend(size_t layer, int64_t position, const float* q, const float* k, const float* v, float* out) {
+    T* kc = k_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
+    T* vc = v_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
+    for (int64_t g = 0; g < kv_heads_; ++g) {
+      T* kdst = kc + (g * max_len_ + position) * d_;
+      T* vdst = vc + (g * max_len_ + position) * d_;
+      for (int64_t j = 0; j < d_; ++j) {
+        kdst[j] = static_cast<T>(k[g * d_ + j]);
+        vdst[j] = static_cast<T>(v[g * d_ + j]);
+      }
+    }
+    attend(q, kc, vc, position + 1, out);
   }
 
   // a_h = softmax(q_h · K[0..T) / √d) V[0..T) for every head. Positions are split into one chunk per
   // thread (flash-decoding): each chunk keeps its own max m, sum l and unnormalised output o per head,
   // merged as a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c. The query heads that
   // share a key/value head are served by one pass over its rows.
-  void attend(const float* q, const at::BFloat16* kc, const at::BFloat16* vc, int64_t T, float* out) const {
+  template <typename T>
+  void attend(const float* q, const T* kc, const T* vc, int64_t T_len, float* out) const {
     const int64_t d = d_, H = heads_, group = heads_ / kv_heads_, max_len = max_len_;
     const float inv_sqrt_d = 1.f / std::sqrt(static_cast<float>(d));
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T / 64));
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T_len / 64));
     std::vector<float> m(chunks * H), l(chunks * H), o(chunks * H * d, 0.f);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t t0 = c * T / chunks, t1 = (c + 1) * T / chunks, n = t1 - t0;
+        const int64_t t0 = c * T_len / chunks, t1 = (c + 1) * T_len / chunks, n = t1 - t0;
         std::vector<float> s(group * n), row(d);
         for (int64_t g = 0; g < kv_heads_; ++g) {
-          const auto* K = reinterpret_cast<const uint16_t*>(kc + g * max_len * d);
-          const auto* V = reinterpret_cast<const uint16_t*>(vc + g * max_len * d);
+          const T* K = kc + g * max_len * d;
+          const T* V = vc + g * max_len * d;
           for (int64_t t = t0; t < t1; ++t) {
 #pragma omp simd
-            for (int64_t j = 0; j < d; ++j) row[j] = bf16_to_float(K[t * d + j]);
+            for (int64_t j = 0; j < d; ++j) row[j] = to_float(K[t * d + j]);
             for (int64_t r = 0; r < group; ++r) {
               const float* qh = q + (g * group + r) * d;
               float dot = 0.f;
@@ -264,7 +330,7 @@ class DecodeStep {
           }
           for (int64_t t = t0; t < t1; ++t) {
 #pragma omp simd
-            for (int64_t j = 0; j < d; ++j) row[j] = bf16_to_float(V[t * d + j]);
+            for (int64_t j = 0; j < d; ++j) row[j] = to_float(V[t * d + j]);
             for (int64_t r = 0; r < group; ++r) {
               float* oh = o.data() + (c * H + g * group + r) * d;
               const float w = s[r * n + t - t0];
@@ -295,18 +361,38 @@ class DecodeStep {
   std::vector<float> final_norm_;
   std::vector<Block> blocks_;
   Tensor embed_;
-  c10::optional<Tensor> embed_scale_;
-  c10::optional<Linear> head_;
+  ProjectionPtr embed_rows_, head_;
+  std::vector<float> gu_, out_;
 };
 
-at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group, int64_t N, int64_t K);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_dequantize", &int4_dequantize, "bf16 weights [N, K] from torch's int4 CPU layout");
-  pybind11::class_<DecodeStep>(m, "DecodeStep")
+  m.attr("ISA") = lowbit::isa_name();
+  m.attr("BLOCK") = lowbit::kBlock;
+  m.attr("DECODE_ROWS") = lowbit::kMaxRows;
+  m.attr("KIND_DENSE") = static_cast<int64_t>(kDense);
+  m.attr("KIND_PACKED") = static_cast<int64_t>(kPacked);
+  m.attr("KIND_CALLBACK") = static_cast<int64_t>(kCallback);
+  m.def("gemv", &lowbit::gemv, "y [M, N] = x [M, K] Wᵀ from packed codes (float32, M ≤ DECODE_ROWS)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dequantize", &lowbit::dequantize, "the packed weight as a dense [N, K] tensor of the given dtype",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<Projection, ProjectionPtr>(m, "Projection", pybind11::module_local())
+      .def_static("packed", &Projection::packed)
+      .def_static("dense", &Projection::dense)
+      .def_static("callback", &Projection::callback)
+      .def_property_readonly("kind", &Projection::kind)
+      .def("__call__", [](const Projection& p, Tensor x) {
+        TORCH_CHECK(x.numel() == p.in_features(), "input of the wrong width");
+        Tensor xf = x.to(at::kFloat).contiguous();
+        Tensor y = at::empty({1, p.out_features()}, xf.options());
+        p(xf.data_ptr<float>(), y.data_ptr<float>());
+        return y;
+      });
+  pybind11::class_<DecodeStep>(m, "DecodeStep", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, double, Tensor, Tensor, Tensor, Tensor, Tensor>())
       .def("add_block", &DecodeStep::add_block)
-      .def("set_embedding", &DecodeStep::set_embedding)
+      .def("set_embedding_table", &DecodeStep::set_embedding_table)
+      .def("set_embedding_rows", &DecodeStep::set_embedding_rows)
       .def("set_head", &DecodeStep::set_head)
       .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,398 @@
+// lowbit's packed low-bit GEMV and dequantization. One source, compiled once per ISA level
+// (generic C++, x86-64-v3 = AVX2/FMA/F16C, x86-64-v4 + VNNI); the compiler's own macros choose the
+// instructions, so every level computes the same integers.
+//
+// Layout (lowbit/runtime/layout.py is the reference): per weight row, blocks of B = 32 columns,
+// each B·bits/8 bytes of codes c:
+//   8 bits: c[i] signed (int8), byte i.
+//   4 bits: byte i = c[i] | c[i+16] << 4                              (i < 16)
+//   2 bits: byte i = c[i] | c[i+8] << 2 | c[i+16] << 4 | c[i+24] << 6  (i < 8)
+//   3 bits: the 2-bit layout of c & 3, then a 32-bit little-endian word whose bit i is c[i] >> 2.
+// Per group j of g columns (g a multiple of B) a float16 scale s_j and offset o_j: w = s_j·c + o_j.
+//
+// Activations are quantized per block b to int8 (x ≈ d_b·xq, d_b = max|x|/127) as llama.cpp does, so
+//   y_n = Σ_j s_j Σ_{b∈j} d_b (c·xq)_b  +  Σ_j o_j X_j,     X_j = Σ_{b∈j} d_b Σ_i xq_i,
+// where (c·xq)_b is one unsigned×signed byte dot product (VPDPBUSD, or VPMADDUBSW + VPMADDWD).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "qgemv.h"
+
+namespace lowbit {
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The 32 codes of one block, as bytes (signed for 8 bits, 0 … 2^bits − 1 otherwise).
+template <int BITS>
+inline void unpack_block_scalar(const uint8_t* p, uint8_t* c) {
+  if constexpr (BITS == 8) {
+    std::memcpy(c, p, kBlock);
+  } else if constexpr (BITS == 4) {
+    for (int i = 0; i < 16; ++i) {
+      c[i] = p[i] & 15;
+      c[i + 16] = p[i] >> 4;
+    }
+  } else {
+    for (int i = 0; i < 8; ++i)
+      for (int s = 0; s < 4; ++s) c[i + 8 * s] = (p[i] >> (2 * s)) & 3;
+    if constexpr (BITS == 3) {
+      const uint32_t hi = load_u32(p + 8);
+      for (int i = 0; i < kBlock; ++i) c[i] |= ((hi >> i) & 1) << 2;
+    }
+  }
+}
+
+struct Activations {
+  int64_t M = 0, K = 0, groups = 0;
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> d;      // [M, K / B]
+  std::vector<float> sums;   // [M, groups]: X_j
+};
+
+// x ≈ d·xq per block of B, round to nearest even, as the scalar and vector paths both do.
+void quantize_block(const float* x, int8_t* xq, float* d, int32_t* qsum) {
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float scale = _mm_cvtss_f32(m4) / 127.f;
+  const __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  __m256i iv[4];
+  for (int i = 0; i < 4; ++i)
+    iv[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_extracti128_si256(s32, 1), _mm256_castsi256_si128(s32));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *qsum = _mm_cvtsi128_si32(s4);
+  // Pack 32-bit → 8-bit; the two packs interleave 128-bit lanes, the permute restores column order.
+  const __m256i p16a = _mm256_packs_epi32(iv[0], iv[1]), p16b = _mm256_packs_epi32(iv[2], iv[3]);
+  const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq),
+                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *d = scale;
+#else
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+  int32_t s = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int v = static_cast<int>(std::nearbyint(x[i] * inv));
+    xq[i] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *qsum = s;
+  *d = scale;
+#endif
+}
+
+void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, Activations& a) {
+  const int64_t nb = K / kBlock, bpg = group / kBlock;
+  a.M = M, a.K = K, a.groups = K / group;
+  a.q.resize(M * K), a.d.resize(M * nb), a.sums.assign(M * a.groups, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t qsum;
+      quantize_block(x + m * K + b * kBlock, a.q.data() + m * K + b * kBlock, a.d.data() + m * nb + b, &qsum);
+      a.sums[m * a.groups + b / bpg] += a.d[m * nb + b] * static_cast<float>(qsum);
+    }
+}
+
+// Σ_j o_j X_j of weight row n and activation row m (0 without offsets).
+inline float offset_term(const uint16_t* O, int64_t n, int64_t G, const Activations& a, int64_t m) {
+  if (!O) return 0.f;
+  const uint16_t* o = O + n * G;
+  const float* X = a.sums.data() + m * G;
+  float t = 0.f;
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= G; j += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o + j))),
+                          _mm256_loadu_ps(X + j), acc);
+  __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  t = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+#endif
+  for (; j < G; ++j) t += half_to_float(o[j]) * X[j];
+  return t;
+}
+
+#if defined(__AVX2__)
+template <int BITS>
+inline __m256i unpack_block(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else if constexpr (BITS == 4) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+  } else {
+    int64_t bits;
+    std::memcpy(&bits, p, 8);
+    const __m256i lanes = _mm256_srlv_epi64(_mm256_set1_epi64x(bits), _mm256_setr_epi64x(0, 2, 4, 6));
+    __m256i c = _mm256_and_si256(lanes, _mm256_set1_epi8(3));
+    if constexpr (BITS == 3) {
+      // Bit i of the word → byte i: broadcast byte i/8 to byte i, then test bit i%8.
+      const __m256i bytes = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(static_cast<int>(load_u32(p + 8))),
+          _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+      const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+      c = _mm256_or_si256(c, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+    }
+    return c;
+  }
+}
+
+// Eight int32 partial sums of u·x over 32 bytes, u unsigned and x signed.
+inline __m256i dot_u8s8(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
+template <int BITS>
+inline __m256i dot_block(__m256i c, __m256i x) {
+  if constexpr (BITS == 8) return dot_u8s8(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+  else return dot_u8s8(c, x);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Weight rows processed together: independent accumulator chains, and each activation block
+// loaded once for all of them (fewer for more activation rows, to stay within the registers).
+constexpr int tile_rows(int M) { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
+
+#if defined(__AVX2__)
+// y[m, n] for R weight rows from n: per group, Σ_b cvt(c·xq)_b · d_b accumulates in g_acc, then
+// acc += s_j · g_acc, so the inner loop is one dot product and one FMA per block and row.
+template <int BITS, int M, int R>
+inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t K, int64_t group,
+                      const Activations& a, const __m256* dv, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, bpg = group / kBlock, G = K / group;
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < G; ++j) {
+    __m256 g_acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) g_acc[r][m] = _mm256_setzero_ps();
+    for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
+      __m256i x[M];
+      for (int m = 0; m < M; ++m)
+        x[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + b * kBlock));
+      for (int r = 0; r < R; ++r) {
+        const __m256i c = unpack_block<BITS>(W + ((n + r) * nb + b) * bb);
+        for (int m = 0; m < M; ++m)
+          g_acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS>(c, x[m])), dv[m * nb + b], g_acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(half_to_float(S[(n + r) * G + j]));
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(g_acc[r][m], s, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + offset_term(O, n + r, G, a, m);
+}
+
+// y[m, n] for the weight rows n of [n0, n1).
+template <int BITS, int M>
+void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
+               int64_t group, const Activations& a, float* y, int64_t N) {
+  const int64_t nb = K / kBlock;
+  std::vector<__m256> dv(M * nb);  // d_b broadcast once per call, not once per row
+  for (int64_t i = 0; i < M * nb; ++i) dv[i] = _mm256_set1_ps(a.d[i]);
+  constexpr int R = tile_rows(M);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) gemv_tile<BITS, M, R>(W, S, O, n, K, group, a, dv.data(), y, N);
+  for (; n < n1; ++n) gemv_tile<BITS, M, 1>(W, S, O, n, K, group, a, dv.data(), y, N);
+}
+#else
+// y[m, n] for the weight rows n of [n0, n1).
+template <int BITS, int M>
+void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
+               int64_t group, const Activations& a, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, bpg = group / kBlock, G = K / group;
+  uint8_t c[kBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = W + n * nb * bb;
+    float acc[M] = {};
+    for (int64_t j = 0; j < G; ++j) {
+      float g_acc[M] = {};
+      for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
+        unpack_block_scalar<BITS>(row + b * bb, c);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* x = a.q.data() + m * K + b * kBlock;
+          int32_t dot = 0;
+          for (int i = 0; i < kBlock; ++i)
+            dot += (BITS == 8 ? static_cast<int32_t>(static_cast<int8_t>(c[i])) : static_cast<int32_t>(c[i])) * x[i];
+          g_acc[m] += static_cast<float>(dot) * a.d[m * nb + b];
+        }
+      }
+      const float s = half_to_float(S[n * G + j]);
+      for (int m = 0; m < M; ++m) acc[m] += g_acc[m] * s;
+    }
+    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + offset_term(O, n, G, a, m);
+  }
+}
+#endif
+
+template <int BITS>
+void gemv_dispatch_rows(int64_t M, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1,
+                        int64_t K, int64_t group, const Activations& a, float* y, int64_t N) {
+  static_assert(kMaxRows == 8, "the switch below instantiates 1 … 8 rows");
+  switch (M) {
+    case 1: return gemv_rows<BITS, 1>(W, S, O, n0, n1, K, group, a, y, N);
+    case 2: return gemv_rows<BITS, 2>(W, S, O, n0, n1, K, group, a, y, N);
+    case 3: return gemv_rows<BITS, 3>(W, S, O, n0, n1, K, group, a, y, N);
+    case 4: return gemv_rows<BITS, 4>(W, S, O, n0, n1, K, group, a, y, N);
+    case 5: return gemv_rows<BITS, 5>(W, S, O, n0, n1, K, group, a, y, N);
+    case 6: return gemv_rows<BITS, 6>(W, S, O, n0, n1, K, group, a, y, N);
+    case 7: return gemv_rows<BITS, 7>(W, S, O, n0, n1, K, group, a, y, N);
+    default: return gemv_rows<BITS, 8>(W, S, O, n0, n1, K, group, a, y, N);
+  }
+}
+
+// Rows [n0, n1) of w = s·c + o, written to out [n1 − n0, K].
+template <int BITS>
+void dequantize_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
+                     int64_t group, float* out) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, bpg = group / kBlock, G = K / group;
+  uint8_t c[kBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j = b / bpg;
+      const float s = half_to_float(S[n * G + j]), o = O ? half_to_float(O[n * G + j]) : 0.f;
+      unpack_block_scalar<BITS>(W + (n * nb + b) * bb, c);
+      float* w = out + (n - n0) * K + b * kBlock;
+      for (int i = 0; i < kBlock; ++i)
+        w[i] = s * (BITS == 8 ? static_cast<float>(static_cast<int8_t>(c[i])) : static_cast<float>(c[i])) + o;
+    }
+  }
+}
+
+}  // namespace
+
+void check_packed(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
+                  int64_t bits, int64_t group, int64_t K) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8");
+  TORCH_CHECK(K % kBlock == 0 && group % kBlock == 0 && K % group == 0,
+              "K and the group size must be multiples of ", kBlock, ", the group size dividing K");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == K * bits / 8,
+              "packed: contiguous uint8 [N, K·bits/8]");
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == N * (K / group),
+              "scale: contiguous float16 [N, K/group]");
+  if (offset)
+    TORCH_CHECK(offset->scalar_type() == at::kHalf && offset->is_contiguous() && offset->numel() == scale.numel(),
+                "offset: contiguous float16 like scale");
+}
+
+void packed_gemv(const float* x, int64_t M, int64_t K, const PackedWeight& w, float* y) {
+  thread_local Activations reused;  // no allocation per call once warm
+  Activations& a = reused;          // the workers below must read the caller's copy, not their own
+  quantize_activations(x, M, K, w.group, a);
+  const int64_t N = w.N;
+  const uint8_t* W = w.packed;
+  const uint16_t *S = w.scale, *O = w.offset;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    switch (w.bits) {
+      case 2: return gemv_dispatch_rows<2>(M, W, S, O, n0, n1, K, w.group, a, y, N);
+      case 3: return gemv_dispatch_rows<3>(M, W, S, O, n0, n1, K, w.group, a, y, N);
+      case 4: return gemv_dispatch_rows<4>(M, W, S, O, n0, n1, K, w.group, a, y, N);
+      default: return gemv_dispatch_rows<8>(M, W, S, O, n0, n1, K, w.group, a, y, N);
+    }
+  });
+}
+
+PackedWeight packed_view(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
+                         int64_t bits, int64_t group, int64_t K) {
+  check_packed(packed, scale, offset, bits, group, K);
+  return PackedWeight{packed.data_ptr<uint8_t>(),
+                      reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+                      offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr<at::Half>()) : nullptr,
+                      packed.size(0), K, bits, group};
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                const c10::optional<at::Tensor>& offset, int64_t bits, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv takes 1 to ", kMaxRows, " rows");
+  const int64_t K = x.size(1);
+  const PackedWeight w = packed_view(packed, scale, offset, bits, group, K);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  packed_gemv(x.data_ptr<float>(), x.size(0), K, w, y.data_ptr<float>());
+  return y;
+}
+
+void dequantize_range(const PackedWeight& w, int64_t n0, int64_t n1, float* out) {
+  switch (w.bits) {
+    case 2: return dequantize_rows<2>(w.packed, w.scale, w.offset, n0, n1, w.K, w.group, out);
+    case 3: return dequantize_rows<3>(w.packed, w.scale, w.offset, n0, n1, w.K, w.group, out);
+    case 4: return dequantize_rows<4>(w.packed, w.scale, w.offset, n0, n1, w.K, w.group, out);
+    default: return dequantize_rows<8>(w.packed, w.scale, w.offset, n0, n1, w.K, w.group, out);
+  }
+}
+
+at::Tensor dequantize(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
+                      int64_t bits, int64_t group, int64_t K, at::ScalarType dtype) {
+  const PackedWeight w = packed_view(packed, scale, offset, bits, group, K);
+  at::Tensor out = at::empty({w.N, K}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { dequantize_range(w, n0, n1, o + n0 * K); });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+const char* isa_name() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace lowbit
