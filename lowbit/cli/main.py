@@ -34,7 +34,7 @@ Quantization = Annotated[
     Optional[str], typer.Option(help="quantize a full-precision model at load time: int8, int4 or fp8")
 ]
 MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
-LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or bf16")]
+LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or dense (the compute dtype)")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: all)")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) checkpoints")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run model code from the hub")]
