@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.runtime.cpu import compute_dtype
-from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, unavailable_reason
+from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, kernels_by_kind, unavailable_reason
 from lowbit.runtime.native import native_module
 from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
@@ -162,10 +162,7 @@ class LeanDecoder(nn.Module):
 
     def kernels(self) -> dict[str, str]:
         """Which kernel each kind of projection runs, and how a decode step runs."""
-        kinds: dict[str, set[str]] = {}
-        for name, m in self.projections():
-            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(m.kernel)
-        report = {kind: " + ".join(sorted(k)) for kind, k in kinds.items()}
+        report = kernels_by_kind(self.projections())
         report["decode step"] = ("compiled (csrc/decode_step.cpp)" if self.step is not None
                                  else f"PyTorch loop ({self.step_unavailable})")
         return report

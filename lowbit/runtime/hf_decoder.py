@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from lowbit.models.architectures import decoder_blocks
 from lowbit.runtime.cpu import compute_dtype
-from lowbit.runtime.kernels import fast_linear
+from lowbit.runtime.kernels import FastLinear, fast_linear, kernels_by_kind
 from lowbit.runtime.qlinear import QuantLinear
 
 
@@ -44,14 +44,11 @@ class HFDecoder(nn.Module):
 
     def projections(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every Linear lowbit swapped in."""
-        return [(name, m) for name, m in self.model.named_modules() if hasattr(m, "kernel") and hasattr(m, "fallback")]
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, FastLinear)]
 
     def kernels(self) -> dict[str, str]:
         """Which kernel each kind of projection runs, and how a decode step runs."""
-        kinds: dict[str, set[str]] = {}
-        for name, m in self.projections():
-            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(m.kernel)
-        report = {kind: " + ".join(sorted(k)) for kind, k in kinds.items()}
+        report = kernels_by_kind(self.projections())
         report["decode step"] = f"transformers forward ({self.model.config.model_type} has no lean decoder)"
         return report
 

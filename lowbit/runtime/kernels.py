@@ -30,7 +30,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class _FastLinear(nn.Module):
+class FastLinear(nn.Module):
+    """A runtime Linear: says which kernel computes it and, for a quantized layer off its fast path, why."""
+
     in_features: int
     out_features: int
     kernel: str = ""  # what computes this layer, in words
@@ -46,7 +48,7 @@ class _FastLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class PackedLinear(_FastLinear):
+class PackedLinear(FastLinear):
     """A quantized layer in lowbit's packed layout: ``packed`` uint8, ``scale``/``offset`` float16."""
 
     def __init__(self, qw: QuantizedWeight, native, bias: Optional[torch.Tensor] = None, dtype=torch.float32):
@@ -81,7 +83,7 @@ class PackedLinear(_FastLinear):
         return self._finish(y, x)
 
 
-class DenseLinear(_FastLinear):
+class DenseLinear(FastLinear):
     """A full-precision Linear held in the compute dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.float32,
@@ -96,7 +98,7 @@ class DenseLinear(_FastLinear):
         return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), self.weight), x)
 
 
-class Fp8Linear(_FastLinear):
+class Fp8Linear(FastLinear):
     """float8 e4m3 weights [N, K] with a per-channel scale [N]; upcast per call (no fp8 GEMM on CPU)."""
 
     fallback = "no fp8 kernel on CPU: weights upcast on every call"
@@ -135,6 +137,14 @@ def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="c
     if reason is None:
         return PackedLinear(qw, native_module(), bias, dtype)
     return DenseLinear(qw.dequantize(torch.float32), bias, dtype, fallback=reason)
+
+
+def kernels_by_kind(named: Iterable[tuple[str, nn.Module]]) -> dict[str, str]:
+    """Kind of projection (the last part of its name) → the kernels its layers run."""
+    kinds: dict[str, set[str]] = {}
+    for name, m in named:
+        kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(m.kernel)
+    return {kind: " + ".join(sorted(k)) for kind, k in kinds.items()}
 
 
 def fallback_notice(named: Iterable[tuple[str, nn.Module]]) -> Optional[str]:
