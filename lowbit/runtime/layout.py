@@ -139,3 +139,16 @@ def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.float32) -> to
     if w.offset is not None:
         out = out + w.offset.float()[..., None]
     return out.reshape(n, k).to(dtype)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x̂ = d·xq with xq = round(x / d) ∈ [−127, 127], d = max|x| / 127 per block of ``BLOCK`` columns.
+
+    The GEMV's activations as the kernels round them (to nearest even), so x̂ Wᵀ is its exact result up to
+    float32 summation order.
+    """
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inv) * d).reshape(m, k)

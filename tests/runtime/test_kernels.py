@@ -3,7 +3,7 @@ import torch
 
 from lowbit.runtime.cpu import ISA_LEVELS, cpu
 from lowbit.runtime.kernels import DenseLinear, Fp8Linear, PackedLinear, fast_linear, fallback_notice
-from lowbit.runtime.layout import DECODE_ROWS, Kind, dequantize_packed, pack
+from lowbit.runtime.layout import DECODE_ROWS, Kind, dequantize_packed, pack, quantize_activations
 from lowbit.runtime.native import native_module
 from lowbit.schemes import dequantize, make_scheme, quantize
 
@@ -43,20 +43,32 @@ def test_each_isa_dequantizes_exactly_as_the_reference_layout(isa, scheme):
     assert float((ref - exact).abs().max()) <= 1e-3 * float(exact.abs().max())
 
 
+def assert_gemv_exact(module, w: torch.Tensor, scheme, rows: int):
+    """The kernel's y against x̂ Wᵀ (x̂ the activations as the kernel rounds them): float32 summation only."""
+    torch.manual_seed(0)
+    pw = pack(quantize(w, scheme.weights))
+    x = torch.randn(rows, w.shape[1])
+    ref = quantize_activations(x) @ dequantize_packed(pw).t()
+    y = module.gemv(x, pw.packed, pw.scale, pw.offset, pw.bits, pw.group_size)
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
+    # and the rounding of the activations itself (as llama.cpp's Q8 blocks) costs little
+    assert float((y - x @ dequantize_packed(pw).t()).abs().max() / ref.abs().max()) <= 0.012
+
+
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.weights.describe())
 @pytest.mark.parametrize("rows", [1, 3, DECODE_ROWS])
 def test_each_isa_gemv_matches_the_reference(isa, scheme, rows):
     module = kernels_for(isa)
-    torch.manual_seed(0)
-    qw = quantize(torch.randn(70, 640), scheme.weights)  # 70 rows: tiles of 4 plus a tail
-    pw = pack(qw)
-    x = torch.randn(rows, 640)
-    ref = x @ dequantize_packed(pw).t()
-    y = module.gemv(x, pw.packed, pw.scale, pw.offset, pw.bits, pw.group_size)
-    # int8 activations per block of 32 (as llama.cpp): about 0.4% of |x| per element, averaged over K
-    err = (y - ref).abs().max() / ref.abs().max()
-    assert float(err) <= 0.012
+    assert_gemv_exact(module, torch.randn(70, 640), scheme, rows)  # 70 rows: tiles of 4 plus a tail
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+@pytest.mark.parametrize("scheme", [make_scheme(4, 32), make_scheme(3, 32, symmetric=False), make_scheme(8, None)],
+                         ids=lambda s: s.weights.describe())
+def test_an_odd_number_of_blocks_takes_the_one_block_kernel_and_agrees(isa, scheme):
+    """672 columns are 21 blocks: no whole pairs for the 512-bit kernel, and a per-channel group of 21 blocks."""
+    assert_gemv_exact(kernels_for(isa), torch.randn(37, 672), scheme, 1)
 
 
 def test_avx2_and_avx512_compute_the_same_integers():

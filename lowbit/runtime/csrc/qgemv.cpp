@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -69,6 +70,9 @@ struct Activations {
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> d;      // [M, K / B]
   std::vector<float> sums;   // [M, groups]: X_j
+  std::vector<float> dv;     // [M, K / B, 8]: d_b broadcast for the 256-bit kernels
+  std::vector<int8_t> qz;    // [M, K / 2B, 2B]: block pairs in the lane order of unpack_pair (512-bit kernels)
+  std::vector<float> dz;     // [M, K / 2B, 16]: d_b of each int32 lane of a pair's dot product
 };
 
 // x ≈ d·xq per block of B, round to nearest even, as the scalar and vector paths both do.
@@ -127,10 +131,11 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t group, A
     }
 }
 
-// Σ_j o_j X_j of weight row n and activation row m (0 without offsets).
-inline float offset_term(const uint16_t* O, int64_t n, int64_t G, const Activations& a, int64_t m) {
-  if (!O) return 0.f;
-  const uint16_t* o = O + n * G;
+// Σ_j v_j X_j for the float16 per-group values v of weight row n (offsets, or scales) and activation
+// row m; 0 without values.
+inline float group_dot(const uint16_t* V, int64_t n, int64_t G, const Activations& a, int64_t m) {
+  if (!V) return 0.f;
+  const uint16_t* o = V + n * G;
   const float* X = a.sums.data() + m * G;
   float t = 0.f;
   int64_t j = 0;
@@ -201,13 +206,14 @@ inline float hsum(__m256 v) {
 constexpr int tile_rows(int M) { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
 
 #if defined(__AVX2__)
-// y[m, n] for R weight rows from n: per group, Σ_b cvt(c·xq)_b · d_b accumulates in g_acc, then
-// acc += s_j · g_acc, so the inner loop is one dot product and one FMA per block and row.
+// y[m, n] for R weight rows from n, one block per step: per group, Σ_b cvt(c·xq)_b · d_b accumulates in
+// g_acc, then acc += s_j · g_acc, so the inner loop is one dot product and one FMA per block and row.
 template <int BITS, int M, int R>
 inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t K, int64_t group,
-                      const Activations& a, const __m256* dv, float* y, int64_t N) {
+                      const Activations& a, float* y, int64_t N) {
   constexpr int64_t bb = kBlock * BITS / 8;
   const int64_t nb = K / kBlock, bpg = group / kBlock, G = K / group;
+  const __m256* dv = reinterpret_cast<const __m256*>(a.dv.data());
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -222,7 +228,8 @@ inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, in
       for (int r = 0; r < R; ++r) {
         const __m256i c = unpack_block<BITS>(W + ((n + r) * nb + b) * bb);
         for (int m = 0; m < M; ++m)
-          g_acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS>(c, x[m])), dv[m * nb + b], g_acc[r][m]);
+          g_acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS>(c, x[m])), _mm256_loadu_ps(
+              reinterpret_cast<const float*>(dv + m * nb + b)), g_acc[r][m]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -231,20 +238,159 @@ inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + offset_term(O, n + r, G, a, m);
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m);
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The 512-bit kernels take two blocks A, B (2B columns) per step. unpack_pair puts their codes in the
+// zmm lanes in whatever order is cheapest for the packed layout; the activations are rearranged once
+// per call to the same order (pair_order: the source 64-bit word of each destination word, words 0–3
+// from A, 4–7 from B), and each int32 lane of the dot product knows its block (pair_lane_block).
+template <int BITS>
+constexpr std::array<int64_t, 8> pair_order() {
+  if constexpr (BITS == 8) return {0, 1, 2, 3, 4, 5, 6, 7};  // [A | B]
+  else if constexpr (BITS == 4) return {0, 1, 4, 5, 2, 3, 6, 7};  // [A lo | B lo | A hi | B hi] nibbles
+  else return {0, 4, 1, 5, 2, 6, 3, 7};  // per 128-bit lane k: [A, B] codes 8k … 8k + 7
+}
+
+template <int BITS>
+inline __m512i pair_order_vector() {
+  constexpr auto o = pair_order<BITS>();
+  return _mm512_setr_epi64(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]);
+}
+
+// Per int32 lane t: 0 when it sums columns of A, 1 for B (the permutation index that spreads [v_A, v_B]).
+template <int BITS>
+inline __m512i pair_lane_block() {
+  constexpr auto o = pair_order<BITS>();
+  alignas(64) int32_t lanes[16];
+  for (int t = 0; t < 16; ++t) lanes[t] = o[t / 2] >= 4;
+  return _mm512_load_si512(lanes);
+}
+
+template <int BITS>
+inline __m512i unpack_pair(const uint8_t* p) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(p);
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1),
+                            _mm512_set1_epi8(0x0F));
+  } else {
+    int64_t lo_a, lo_b;
+    std::memcpy(&lo_a, p, 8);
+    std::memcpy(&lo_b, p + bb, 8);
+    const __m512i v = _mm512_broadcast_i32x4(_mm_set_epi64x(lo_b, lo_a));
+    __m512i c = _mm512_and_si512(_mm512_srlv_epi64(v, _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6)),
+                                 _mm512_set1_epi8(3));
+    if constexpr (BITS == 3) {
+      // Byte 16k + i holds A's code 8k + i, byte 16k + 8 + i B's: interleave the two high-bit words by byte.
+      const __mmask64 hi = _pdep_u64(load_u32(p + 8), 0x00FF00FF00FF00FFULL) |
+                           _pdep_u64(load_u32(p + bb + 8), 0xFF00FF00FF00FF00ULL);
+      c = _mm512_mask_add_epi8(c, hi, c, _mm512_set1_epi8(4));
+    }
+    return c;
+  }
+}
+
+// Sixteen int32 partial sums of c·x; 8-bit codes are signed, so they are offset to c + 128 (unsigned),
+// which adds 128·Σx per block: the caller subtracts 128·Σ_j s_j X_j.
+template <int BITS>
+inline __m512i dot_pair(__m512i c, const int8_t* x) {
+  if constexpr (BITS == 8) c = _mm512_xor_si512(c, _mm512_set1_epi8(static_cast<char>(0x80)));
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, _mm512_loadu_si512(x));
+}
+
+// y[m, n] for R weight rows from n, two blocks per step. Group size one block: each lane's multiplier
+// is s_j·d_b; larger groups (an even number of blocks) accumulate Σ cvt(c·xq)·d_b per group first.
+template <int BITS, int M, int R>
+inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t K,
+                            int64_t group, const Activations& a, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, np = nb / 2, bpg = group / kBlock, G = K / group;
+  const int8_t* xz = a.qz.data();
+  const float* dz = a.dz.data();
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  if (bpg == 1) {
+    const __m512i lane_block = pair_lane_block<BITS>();
+    for (int64_t p = 0; p < np; ++p)
+      for (int r = 0; r < R; ++r) {
+        const __m512i c = unpack_pair<BITS>(W + ((n + r) * nb + 2 * p) * bb);
+        const __m128 s_ab = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load_u32(
+            reinterpret_cast<const uint8_t*>(S + (n + r) * G + 2 * p)))));
+        const __m512 s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(s_ab));
+        for (int m = 0; m < M; ++m)
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_pair<BITS>(c, xz + (m * np + p) * 2 * kBlock)),
+                                      _mm512_mul_ps(s, _mm512_loadu_ps(dz + (m * np + p) * 16)), acc[r][m]);
+      }
+  } else {
+    for (int64_t j = 0; j < G; ++j) {
+      __m512 g_acc[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) g_acc[r][m] = _mm512_setzero_ps();
+      for (int64_t p = j * bpg / 2; p < (j + 1) * bpg / 2; ++p)
+        for (int r = 0; r < R; ++r) {
+          const __m512i c = unpack_pair<BITS>(W + ((n + r) * nb + 2 * p) * bb);
+          for (int m = 0; m < M; ++m)
+            g_acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_pair<BITS>(c, xz + (m * np + p) * 2 * kBlock)),
+                                          _mm512_loadu_ps(dz + (m * np + p) * 16), g_acc[r][m]);
+        }
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(half_to_float(S[(n + r) * G + j]));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(g_acc[r][m], s, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float v = _mm512_reduce_add_ps(acc[r][m]) + group_dot(O, n + r, G, a, m);
+      if constexpr (BITS == 8) v -= 128.f * group_dot(S, n + r, G, a, m);
+      y[m * N + n + r] = v;
+    }
+}
+
+// The pair kernels need whole pairs that never straddle a group.
+inline bool pairs_fit(int64_t K, int64_t group) {
+  const int64_t nb = K / kBlock, bpg = group / kBlock;
+  return nb % 2 == 0 && (bpg == 1 || bpg % 2 == 0);
+}
+
+// qz and dz of one activation row: the blocks of each pair in pair_order, each lane's d_b.
+template <int BITS>
+void arrange_pairs(Activations& a) {
+  const int64_t nb = a.K / kBlock, np = nb / 2;
+  a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * 16);
+  const __m512i order = pair_order_vector<BITS>(), lane_block = pair_lane_block<BITS>();
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t i = m * np + p;
+      const __m512i x = _mm512_loadu_si512(a.q.data() + m * a.K + 2 * p * kBlock);
+      _mm512_storeu_si512(a.qz.data() + i * 2 * kBlock, _mm512_permutexvar_epi64(order, x));
+      const __m512 d = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(
+          reinterpret_cast<const __m128i*>(a.d.data() + m * nb + 2 * p))));
+      _mm512_storeu_ps(a.dz.data() + i * 16, _mm512_permutexvar_ps(lane_block, d));
+    }
+}
+#endif
 
 // y[m, n] for the weight rows n of [n0, n1).
 template <int BITS, int M>
 void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
                int64_t group, const Activations& a, float* y, int64_t N) {
-  const int64_t nb = K / kBlock;
-  std::vector<__m256> dv(M * nb);  // d_b broadcast once per call, not once per row
-  for (int64_t i = 0; i < M * nb; ++i) dv[i] = _mm256_set1_ps(a.d[i]);
   constexpr int R = tile_rows(M);
   int64_t n = n0;
-  for (; n + R <= n1; n += R) gemv_tile<BITS, M, R>(W, S, O, n, K, group, a, dv.data(), y, N);
-  for (; n < n1; ++n) gemv_tile<BITS, M, 1>(W, S, O, n, K, group, a, dv.data(), y, N);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (pairs_fit(K, group)) {
+    for (; n + R <= n1; n += R) gemv_tile_pairs<BITS, M, R>(W, S, O, n, K, group, a, y, N);
+    for (; n < n1; ++n) gemv_tile_pairs<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
+    return;
+  }
+#endif
+  for (; n + R <= n1; n += R) gemv_tile<BITS, M, R>(W, S, O, n, K, group, a, y, N);
+  for (; n < n1; ++n) gemv_tile<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
 }
 #else
 // y[m, n] for the weight rows n of [n0, n1).
@@ -272,10 +418,29 @@ void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n
       const float s = half_to_float(S[n * G + j]);
       for (int m = 0; m < M; ++m) acc[m] += g_acc[m] * s;
     }
-    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + offset_term(O, n, G, a, m);
+    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + group_dot(O, n, G, a, m);
   }
 }
 #endif
+
+// The per-call activation layout the chosen kernel reads: block pairs (512-bit), broadcast d_b (256-bit).
+void arrange_for_kernel(int64_t bits, int64_t group, Activations& a) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (pairs_fit(a.K, group)) {
+    switch (bits) {
+      case 2: return arrange_pairs<2>(a);
+      case 3: return arrange_pairs<3>(a);
+      case 4: return arrange_pairs<4>(a);
+      default: return arrange_pairs<8>(a);
+    }
+  }
+#endif
+#if defined(__AVX2__)
+  a.dv.resize(a.d.size() * 8);
+  for (size_t i = 0; i < a.d.size(); ++i) _mm256_storeu_ps(a.dv.data() + 8 * i, _mm256_set1_ps(a.d[i]));
+#endif
+  (void)bits, (void)group;
+}
 
 template <int BITS>
 void gemv_dispatch_rows(int64_t M, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1,
@@ -334,6 +499,7 @@ void packed_gemv(const float* x, int64_t M, int64_t K, const PackedWeight& w, fl
   thread_local Activations reused;  // no allocation per call once warm
   Activations& a = reused;          // the workers below must read the caller's copy, not their own
   quantize_activations(x, M, K, w.group, a);
+  arrange_for_kernel(w.bits, w.group, a);
   const int64_t N = w.N;
   const uint8_t* W = w.packed;
   const uint16_t *S = w.scale, *O = w.offset;
