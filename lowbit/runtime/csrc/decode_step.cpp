@@ -18,6 +18,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "qgemv.h"
 
 namespace {
@@ -136,6 +140,60 @@ inline float to_float(at::BFloat16 v) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// Attention's row operations on a float32 or bfloat16 cache row of d values: q·k and o += w·v.
+// Vectorised by hand (bfloat16 → float32 is a 16-bit shift), with a scalar tail.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_row(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#elif defined(__AVX2__)
+constexpr int64_t kLanes = 8;
+inline __m256 load_row(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_row(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float reduce_add(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#endif
+
+template <typename T>
+inline float dot_row(const float* q, const T* k, int64_t d) {
+  int64_t j = 0;
+  float dot = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + kLanes <= d; j += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load_row(k + j), acc);
+  dot = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + kLanes <= d; j += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load_row(k + j), acc);
+  dot = reduce_add(acc);
+#endif
+  for (; j < d; ++j) dot += q[j] * to_float(k[j]);
+  return dot;
+}
+
+template <typename T>
+inline void axpy_row(float w, const T* v, float* o, int64_t d) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 wv = _mm512_set1_ps(w);
+  for (; j + kLanes <= d; j += kLanes) _mm512_storeu_ps(o + j, _mm512_fmadd_ps(wv, load_row(v + j), _mm512_loadu_ps(o + j)));
+#elif defined(__AVX2__)
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; j + kLanes <= d; j += kLanes) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(wv, load_row(v + j), _mm256_loadu_ps(o + j)));
+#endif
+#pragma omp simd
+  for (int64_t jj = j; jj < d; ++jj) o[jj] += w * to_float(v[jj]);
 }
 
 // e^x for x ≤ 0 (softmax after subtracting the max), vectorisable: e^x = 2^i · 2^f with x·log2(e) = i + f,
@@ -302,21 +360,13 @@ class DecodeStep {
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t t0 = c * T_len / chunks, t1 = (c + 1) * T_len / chunks, n = t1 - t0;
-        std::vector<float> s(group * n), row(d);
+        std::vector<float> s(group * n);
         for (int64_t g = 0; g < kv_heads_; ++g) {
           const T* K = kc + g * max_len * d;
           const T* V = vc + g * max_len * d;
-          for (int64_t t = t0; t < t1; ++t) {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) row[j] = to_float(K[t * d + j]);
-            for (int64_t r = 0; r < group; ++r) {
-              const float* qh = q + (g * group + r) * d;
-              float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t j = 0; j < d; ++j) dot += qh[j] * row[j];
-              s[r * n + t - t0] = dot * inv_sqrt_d;
-            }
-          }
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t r = 0; r < group; ++r)
+              s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * inv_sqrt_d;
           for (int64_t r = 0; r < group; ++r) {
             float* sr = s.data() + r * n;
             float mx = -INFINITY, sum = 0.f;
@@ -328,16 +378,9 @@ class DecodeStep {
             m[c * H + g * group + r] = mx;
             l[c * H + g * group + r] = sum;
           }
-          for (int64_t t = t0; t < t1; ++t) {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) row[j] = to_float(V[t * d + j]);
-            for (int64_t r = 0; r < group; ++r) {
-              float* oh = o.data() + (c * H + g * group + r) * d;
-              const float w = s[r * n + t - t0];
-#pragma omp simd
-              for (int64_t j = 0; j < d; ++j) oh[j] += w * row[j];
-            }
-          }
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t r = 0; r < group; ++r)
+              axpy_row(s[r * n + t - t0], V + t * d, o.data() + (c * H + g * group + r) * d, d);
         }
       }
     });

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <vector>
@@ -217,7 +218,31 @@ inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, in
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < G; ++j) {
+  if (bpg == 1) {  // a scale per block: eight converted at once, each multiplied into d_b as a broadcast load
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int64_t nb8 = std::min<int64_t>(8, nb - b0);
+      alignas(32) float s[R][8];
+      for (int r = 0; r < R; ++r) {
+        if (nb8 == 8) _mm256_store_ps(s[r], _mm256_cvtph_ps(_mm_loadu_si128(
+                          reinterpret_cast<const __m128i*>(S + (n + r) * G + b0))));
+        else for (int64_t i = 0; i < nb8; ++i) s[r][i] = half_to_float(S[(n + r) * G + b0 + i]);
+      }
+      for (int64_t i = 0; i < nb8; ++i) {
+        const int64_t b = b0 + i;
+        __m256i x[M];
+        for (int m = 0; m < M; ++m)
+          x[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * K + b * kBlock));
+        for (int r = 0; r < R; ++r) {
+          const __m256i c = unpack_block<BITS>(W + ((n + r) * nb + b) * bb);
+          const __m256 sb = _mm256_broadcast_ss(&s[r][i]);
+          for (int m = 0; m < M; ++m)
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block<BITS>(c, x[m])), _mm256_mul_ps(sb, _mm256_loadu_ps(
+                reinterpret_cast<const float*>(dv + m * nb + b))), acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < G && bpg > 1; ++j) {
     __m256 g_acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) g_acc[r][m] = _mm256_setzero_ps();
