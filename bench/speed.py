@@ -44,6 +44,11 @@ def sh(cmd: list[str], env: dict | None = None) -> str:
 ENV = dict(os.environ)  # every row's environment (LOWBIT_ISA set by --isa)
 
 
+def cell(value, width: int, spec: str, unit: float = 1.0) -> str:
+    """A right-aligned table cell; "-" where the row has no such value (llama.cpp reports no RSS)."""
+    return f"{'-':>{width}}" if value is None else f"{value / unit:>{width}{spec}}"
+
+
 def lowbit(*args) -> list:
     return [sys.executable, "-m", "lowbit.cli.main", *args]
 
@@ -74,8 +79,8 @@ def llama_rows(args, out: Path) -> list[dict]:
         gguf = out / f"llama-{qtype}.gguf"
         if not gguf.exists():
             sh([args.llama_quantize, f32, gguf, qtype])
-        # llama.cpp's OpenMP threads must spin as they do by default: OMP_WAIT_POLICY=PASSIVE (which
-        # lowbit's CLI sets for torch) makes its many small decode ops ~3x slower.
+        # OpenMP threads spin between parallel regions, as both engines' defaults do (OMP_WAIT_POLICY=PASSIVE
+        # makes the many small decode ops of either ~1.5–3x slower), so it is never set here.
         env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
         common = ["-m", gguf, "-t", args.threads, "-r", args.repeats, "-o", "json"]
         pp = json.loads(sh([args.llama_bench, *common, "-p", args.prompt, "-n", "0"], env))[0]
@@ -185,10 +190,8 @@ def main() -> None:
         rss = r["rss_after_load"] - r["rss_before_load"] if r.get("rss_after_load") else None
         print(f"{r['row']:<32}{r['prefill_median']:>8.0f} ({r['prefill_best']:>4.0f}){r['decode_median']:>9.1f} "
               f"({r['decode_best']:>4.0f}){vs:>24}"
-              f"{(r['bytes_per_token'] / 1e6 if r.get('bytes_per_token') else float('nan')):>10.1f}"
-              f"{r.get('ceiling_tok_s', float('nan')):>15.0f}{r.get('ceiling_pct', float('nan')):>8.0f}"
-              f"{(rss / 1e6 if rss else float('nan')):>13.0f}"
-              f"{(r.get('size_bytes') or float('nan')) / 1e6:>9.1f}")
+              f"{cell(r.get('bytes_per_token'), 10, '.1f', 1e6)}{cell(r.get('ceiling_tok_s'), 15, '.0f')}"
+              f"{cell(r.get('ceiling_pct'), 8, '.0f')}{cell(rss, 13, '.0f', 1e6)}{cell(r.get('size_bytes'), 9, '.1f', 1e6)}")
     print("median (best); MB/token = resident weights read per decoded token; RSS-base = RSS after load"
           " minus before (includes the KV cache); W3/W2 compared with Q4_0")
     print("\nkernels per row:")
