@@ -90,6 +90,10 @@ class LLM:
     def _notices(self) -> list[str]:
         """One line per slower path this model takes: layers off the packed kernels, no compiled step."""
         lines = [fallback_notice(self.decoder.projections())]
+        if isinstance(self.decoder, HFDecoder):
+            lines.append(f"lowbit: {self.decoder.model.config.model_type} has no lean decoder; decode runs transformers'"
+                         " forward around lowbit's kernels with a dense output projection, several times slower than"
+                         " the compiled step")
         if getattr(self.decoder, "step_unavailable", None):
             lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
                          " runs the PyTorch loop, several times slower")
