@@ -5,10 +5,13 @@ float32 and GEMMs in the CPU's compute dtype (:func:`lowbit.runtime.cpu.compute_
 One step computes, for each block,
 
     x = RMSNorm(h);  q, k, v = x W_qkvᵀ;  q, k = RoPE(q, k);  cache[k, v] at positions p
-    h = h + Attn(q, K_cache, V_cache, mask: position ≤ p) W_oᵀ
-    x = RMSNorm(h);  h = h + (SiLU(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
+    h = h + Attn(q, K_cache, V_cache, mask: p − window < position ≤ p) W_oᵀ
+    x = RMSNorm(h);  h = h + (act(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
 
-Family differences are data (:data:`FAMILIES`); other families use transformers' own forward.
+Family differences are data (:data:`FAMILIES`): per-head q/k norms, Gemma's (1 + w) norms, its norms after
+attention and MLP (the block output is normalised before the residual add), its embedding scale √D and
+GELU-tanh; per-layer sliding windows and RoPE tables come from the config. Other families use
+transformers' own forward.
 Single-token steps run in one call of lowbit's compiled ``DecodeStep`` (``csrc/decode_step.cpp``),
 which calls packed and dense projections itself and any other module back through Python;
 prompts run the PyTorch code below, which computes the same steps in the same precision.
@@ -16,6 +19,7 @@ prompts run the PyTorch code below, which computes the same steps in the same pr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -35,9 +39,18 @@ class Family:
     """What distinguishes a Llama-style family in the decoder."""
 
     qk_norm: bool = False
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w)
+    sandwich_norms: bool = False  # post_attention_layernorm after attention, pre/post_feedforward_layernorm around the MLP
+    embed_scale: bool = False  # embeddings multiplied by √hidden_size
+    activation: str = "silu"  # or "gelu_tanh"
 
 
-FAMILIES = {"llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True)}
+FAMILIES = {
+    "llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True),
+    "gemma3_text": Family(qk_norm=True, norm_plus_one=True, sandwich_norms=True, embed_scale=True,
+                          activation="gelu_tanh"),
+}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the codes DecodeStep takes
 
 ATTENTION_CHUNK = 256
 
@@ -76,18 +89,31 @@ def _tied(head: nn.Module, table: nn.Module) -> bool:
     return getattr(head, "weight", None) is table.weight
 
 
+def _norm_weight(norm: nn.Module, family: Family) -> torch.Tensor:
+    """The RMSNorm's multiplier as float32 (Gemma's 1 + w folded in)."""
+    w = norm.weight.detach().float()
+    return 1.0 + w if family.norm_plus_one else w
+
+
 class _Block(nn.Module):
-    def __init__(self, layer: nn.Module, family: Family, quantize, dtype):
+    def __init__(self, layer: nn.Module, family: Family, quantize, dtype, window: int, rope: int):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], quantize, dtype)
         self.o = _fused([attn.o_proj], quantize, dtype)
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], quantize, dtype)
         self.down = _fused([mlp.down_proj], quantize, dtype)
-        self.register_buffer("norm_attn", layer.input_layernorm.weight.detach().float())
-        self.register_buffer("norm_mlp", layer.post_attention_layernorm.weight.detach().float())
-        self.q_norm = attn.q_norm.weight.detach().float() if family.qk_norm else None
-        self.k_norm = attn.k_norm.weight.detach().float() if family.qk_norm else None
+        self.window, self.rope = window, rope  # window 0: every earlier position
+        self.norm_attn = _norm_weight(layer.input_layernorm, family)
+        if family.sandwich_norms:
+            self.post_attn = _norm_weight(layer.post_attention_layernorm, family)
+            self.norm_mlp = _norm_weight(layer.pre_feedforward_layernorm, family)
+            self.post_mlp = _norm_weight(layer.post_feedforward_layernorm, family)
+        else:
+            self.post_attn = self.post_mlp = None
+            self.norm_mlp = _norm_weight(layer.post_attention_layernorm, family)
+        self.q_norm = _norm_weight(attn.q_norm, family) if family.qk_norm else None
+        self.k_norm = _norm_weight(attn.k_norm, family) if family.qk_norm else None
         self.q_size = attn.q_proj.out_features
         self.kv_size = attn.k_proj.out_features
         self.intermediate = mlp.gate_proj.out_features
@@ -113,9 +139,18 @@ class LeanDecoder(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
+        self.attn_scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.embed_scale = config.hidden_size**0.5 if family.embed_scale else 1.0
+        self.activation = family.activation
         inner = hf_model.model
-        self.blocks = nn.ModuleList(_Block(layer, family, quantize, dtype) for layer in inner.layers)
-        self.register_buffer("norm", inner.norm.weight.detach().float())
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(inner.layers))
+        kinds = sorted(set(layer_types))  # one RoPE table per attention kind (Gemma 3: local and global bases)
+        window = getattr(config, "sliding_window", None) or 0
+        self.blocks = nn.ModuleList(
+            _Block(layer, family, quantize, dtype, window if kind == "sliding_attention" else 0, kinds.index(kind))
+            for layer, kind in zip(inner.layers, layer_types)
+        )
+        self.norm = _norm_weight(inner.norm, family)
         self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
         table = inner.embed_tokens
         # A tied packed head doubles as the embedding table (rows dequantized when looked up): one copy, not two.
@@ -127,9 +162,10 @@ class LeanDecoder(nn.Module):
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
-        cos, sin = inner.rotary_emb(probe, positions)
-        self.register_buffer("cos", cos[0].float())
-        self.register_buffer("sin", sin[0].float())
+        per_kind = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+        tables = [inner.rotary_emb(probe, positions, *([kind] if per_kind else [])) for kind in kinds]
+        self.register_buffer("cos", torch.stack([cos[0].float() for cos, _ in tables]))  # [kinds, max_len, d]
+        self.register_buffer("sin", torch.stack([sin[0].float() for _, sin in tables]))
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
@@ -141,11 +177,12 @@ class LeanDecoder(nn.Module):
         """The one-call decode step over this decoder's weights and cache."""
         step = native.DecodeStep(
             self.heads, self.kv_heads, self.head_dim, self.eps, self.cos, self.sin, self.k_cache, self.v_cache,
-            self.norm,
+            self.norm, self.attn_scale, self.embed_scale, ACTIVATIONS[self.activation],
         )
         for b in self.blocks:
             projections = [_step_projection(native, m) for m in (b.qkv, b.o, b.gate_up, b.down)]
-            step.add_block(*projections, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm)
+            step.add_block(*projections, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm, b.post_attn, b.post_mlp,
+                           b.window, b.rope)
         head = _step_projection(native, self.lm_head)
         step.set_head(head)
         if self.shared_embedding:
@@ -187,16 +224,19 @@ class LeanDecoder(nn.Module):
         return x * cos + rotated * sin
 
     def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal.
+        """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal, within the block's window.
 
         Written as two bf16 matmuls per chunk of query rows (the query heads sharing a key/value head
         stacked into one matrix): on CPU this is ~2x faster than the fused SDPA kernel for prompts,
         and the chunks bound the score matrix to heads × 256 × context floats.
         """
-        end = start + T
-        k, v = self.k_cache[i, 0, :, :end], self.v_cache[i, 0, :, :end]
+        end, window = start + T, self.blocks[i].window
         if T == 1:  # float32, as the compiled step computes it
-            return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True)
+            first = max(0, end - window) if window else 0
+            k, v = self.k_cache[i, 0, :, first:end], self.v_cache[i, 0, :, first:end]
+            return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True,
+                                                  scale=self.attn_scale)
+        k, v = self.k_cache[i, 0, :, :end], self.v_cache[i, 0, :, :end]
         q = q.to(k.dtype)
         rep, d = self.heads // self.kv_heads, self.head_dim
         out = torch.empty_like(q)
@@ -204,11 +244,16 @@ class LeanDecoder(nn.Module):
             r1 = min(T, r0 + ATTENTION_CHUNK)
             n, ctx = r1 - r0, start + r1
             qc = q[0, :, r0:r1].reshape(self.kv_heads, rep * n, d)
-            scores = (qc @ k[:, :ctx].transpose(1, 2)).float().view(self.heads, n, ctx) * d**-0.5
-            causal = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0)
-            probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(q.dtype)
+            scores = (qc @ k[:, :ctx].transpose(1, 2)).float().view(self.heads, n, ctx) * self.attn_scale
+            visible = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0)
+            if window:  # key position > query position − window
+                visible &= ~torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0 - window)
+            probs = scores.masked_fill_(~visible, float("-inf")).softmax(-1).to(q.dtype)
             out[0, :, r0:r1] = (probs.view(self.kv_heads, rep * n, ctx) @ v[:, :ctx]).view(self.heads, n, d)
         return out.float()
+
+    def _act(self, gate: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
@@ -219,9 +264,9 @@ class LeanDecoder(nn.Module):
         if T == 1 and self.step is not None:
             row = None if self.quantized_embed is None else self._embed(ids)[0, 0].float()
             return self.step.forward(int(ids[0, 0]), start, row)[None]
-        h = self._embed(ids)
-        cos, sin = self.cos[start : start + T][None, None], self.sin[start : start + T][None, None]
+        h = self._embed(ids) * self.embed_scale
         for i, b in enumerate(self.blocks):
+            cos, sin = self.cos[b.rope, start : start + T][None, None], self.sin[b.rope, start : start + T][None, None]
             x = self._rms(h, b.norm_attn)
             q, k, v = b.qkv(x).split([b.q_size, b.kv_size, b.kv_size], dim=-1)
             q = q.view(1, T, self.heads, self.head_dim).transpose(1, 2)
@@ -232,11 +277,12 @@ class LeanDecoder(nn.Module):
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             self.k_cache[i, :, :, start : start + T] = k
             self.v_cache[i, :, :, start : start + T] = v
-            a = self._attend(i, q, start, T)
-            h = h + b.o(a.transpose(1, 2).reshape(1, T, -1))
+            a = b.o(self._attend(i, q, start, T).transpose(1, 2).reshape(1, T, -1))
+            h = h + (a if b.post_attn is None else self._rms(a, b.post_attn))
             x = self._rms(h, b.norm_mlp)
             gate, up = b.gate_up(x).split([b.intermediate, b.intermediate], dim=-1)
-            h = h + b.down(F.silu(gate) * up)
+            m = b.down(self._act(gate) * up)
+            h = h + (m if b.post_mlp is None else self._rms(m, b.post_mlp))
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self._rms(h, self.norm)).float()

@@ -53,10 +53,43 @@ def test_a_tied_int8_head_also_serves_as_the_embedding(quantized_model):
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
 
 
+def _gemma3(vocab: int, window: int):
+    """A tiny Gemma 3: (1 + w) norms around attention and MLP, √D embedding scale, GELU-tanh, q/k norms,
+    sliding-window layers with their own RoPE base beside a global one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=48, sliding_window=window,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=512,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.normal_(0, 0.3)  # Gemma initialises the norms' w to 0 (a multiplier of 1): make them count
+    return model
+
+
+@pytest.mark.parametrize("T", [6, 24])  # within the window of 8, and three times past it
+def test_the_lean_decoder_computes_gemma_3_as_transformers_does(tiny_tokenizer, T):
+    model = _gemma3(len(tiny_tokenizer), window=8)
+    ids = torch.randint(0, model.config.vocab_size, (1, T))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    decoder = LeanDecoder(model, max_len=64, dtype=torch.float32)
+    torch.testing.assert_close(decoder(ids, 0, last_only=False)[0], ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+    decoder(ids[:, : T - 1], 0)
+    step = decoder(ids[:, T - 1 :], T - 1)[0, -1]  # the compiled step when available
+    torch.testing.assert_close(step, ref[-1], rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
 def _family_model(family: str, vocab: int):
-    """Tiny models of the other supported families: Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms)."""
+    """Tiny models of the other supported families: Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Gemma 3."""
     import transformers
 
+    if family == "gemma3":
+        return _gemma3(vocab, window=64)
     config_cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     model_cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
     torch.manual_seed(0)
@@ -72,7 +105,7 @@ def _family_model(family: str, vocab: int):
 
 
 @pytest.mark.parametrize(
-    "case", ["llama int4", "llama dense", "llama int4 + int8 head", "llama fp8", "llama w3", "qwen2 int4", "qwen3 int4"]
+    "case", ["llama int4", "llama dense", "llama int4 + int8 head", "llama fp8", "llama w3", "qwen2 int4", "qwen3 int4", "gemma3 int4 float32"]
 )
 def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokenizer):
     """One-call C++ decode steps give the logits of the PyTorch path, deep into the cache (several chunks).
@@ -92,7 +125,8 @@ def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokeni
         quantize_blocks(model, make_scheme(4 if body == "int4" else 3, 64), get_method("rtn"))
     head = quantizer_for("int8") if case.endswith("int8 head") else None
     body_quantizer = quantizer_for("fp8") if body == "fp8" else None
-    decoder = LeanDecoder(model, max_len=320, quantize=body_quantizer, quantize_head=head)
+    dtype = torch.float32 if case.endswith("float32") else None  # else the CPU's compute dtype
+    decoder = LeanDecoder(model, max_len=320, quantize=body_quantizer, quantize_head=head, dtype=dtype)
     if decoder.step is None:
         pytest.skip("lowbit's native code cannot be built on this machine")
     ids = torch.randint(0, model.config.vocab_size, (1, 304))

@@ -57,17 +57,13 @@ def test_unknown_on_the_fly_quantization(tiny_model_dir):
 
 
 def test_a_family_without_lean_decoder_says_decode_takes_the_slower_forward(tmp_path, tiny_tokenizer, capsys):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
-    )
-    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
-    llm = LLM(str(tmp_path), quantization="int4", max_model_len=32)
-    assert any("gemma3_text has no lean decoder" in line for line in llm.notices)
-    assert "gemma3_text has no lean decoder" in capsys.readouterr().err
+    llm = LLM(str(tmp_path), max_model_len=32)
+    assert any("gpt2 has no lean decoder" in line for line in llm.notices)
+    assert "gpt2 has no lean decoder" in capsys.readouterr().err
     assert llm.kernels()["decode step"].startswith("transformers forward")

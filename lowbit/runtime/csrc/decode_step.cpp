@@ -1,18 +1,21 @@
 // One decode step of a Llama-style decoder in a single call (gpt-fast's lean loop, without Python).
 //
 // For token t at position p, with the residual stream h kept in float32 (as the PyTorch path keeps it):
-//   h = E[t]
+//   h = E[t] · embed_scale
 //   for each block:  x = RMSNorm(h) * w_attn;  [q k v] = x W_qkvᵀ (+ b);  (q, k = RMSNorm per head)
-//                    q, k = RoPE_p(q, k);  K[p], V[p] = k, v
-//                    a_h = softmax(q_h · K_{0..p}ᵀ / √d) V_{0..p}       (head h reads kv head h / (H / H_kv))
-//                    h += a W_oᵀ;  x = RMSNorm(h) * w_mlp;  [g u] = x W_guᵀ;  h += (SiLU(g) ⊙ u) W_downᵀ
+//                    q, k = RoPE_p(q, k) (the block's table);  K[p], V[p] = k, v
+//                    a_h = softmax(scale · q_h · K_{s..p}ᵀ) V_{s..p}   (s = p − window + 1 in a windowed block, else 0;
+//                                                                      head h reads kv head h / (H / H_kv))
+//                    h += post(a W_oᵀ);  x = RMSNorm(h) * w_mlp;  [g u] = x W_guᵀ;  h += post((act(g) ⊙ u) W_downᵀ)
 //   logits = (RMSNorm(h) * w_final) W_headᵀ
+// post is the identity, or an RMSNorm where the family normalises block outputs (Gemma); act is SiLU or GELU-tanh.
 // A projection is lowbit's packed kernel (qgemv.cpp, float32 in and out), a dense GEMV in the weight's
 // dtype, or a Python callable for anything else, so no layer keeps the whole step from running here.
 // The KV cache is float32 or bfloat16 (the compute dtype); attention accumulates in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -123,8 +126,12 @@ using ProjectionPtr = std::shared_ptr<Projection>;
 
 struct Block {
   ProjectionPtr qkv, o, gate_up, down;
-  std::vector<float> norm_attn, norm_mlp, q_norm, k_norm;
+  std::vector<float> norm_attn, norm_mlp, q_norm, k_norm, post_attn, post_mlp;  // empty: none
+  int64_t window = 0;  // 0: every earlier position
+  int64_t rope = 0;    // which RoPE table
 };
+
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 
 void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out) {
   float ss = 0.f;
@@ -214,6 +221,11 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// GELU with the tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.f + std::tanh(0.7978845608f * (x + 0.044715f * x * x * x)));
+}
+
 // Rotate-half RoPE: x'ᵢ = xᵢ cosᵢ − x_{i+d/2} sinᵢ,  x'_{i+d/2} = x_{i+d/2} cos_{i+d/2} + xᵢ sin_{i+d/2}.
 void rope(float* x, const float* cos, const float* sin, int64_t d) {
   const int64_t half = d / 2;
@@ -228,23 +240,33 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
 
 class DecodeStep {
  public:
+  // cos, sin: [tables, max_len, head_dim]; activation: an Activation code.
   DecodeStep(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, Tensor cos, Tensor sin, Tensor k_cache,
-             Tensor v_cache, Tensor final_norm)
-      : heads_(heads), kv_heads_(kv_heads), d_(head_dim), eps_(eps), cos_(cos.to(at::kFloat).contiguous()),
+             Tensor v_cache, Tensor final_norm, double attn_scale, double embed_scale, int64_t activation)
+      : heads_(heads), kv_heads_(kv_heads), d_(head_dim), eps_(eps), attn_scale_(static_cast<float>(attn_scale)),
+        embed_scale_(static_cast<float>(embed_scale)), activation_(activation), cos_(cos.to(at::kFloat).contiguous()),
         sin_(sin.to(at::kFloat).contiguous()), k_cache_(k_cache), v_cache_(v_cache), final_norm_(to_floats(final_norm)) {
+    TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "unknown activation code");
     const auto t = k_cache.scalar_type();
     TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat) && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     v_cache.scalar_type() == t,
                 "KV cache: contiguous float32 or bfloat16");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(2) == kv_heads && k_cache.size(4) == head_dim, "KV cache shape");
     max_len_ = k_cache.size(3);
+    TORCH_CHECK(cos_.dim() == 3 && cos_.size(1) >= max_len_ && cos_.size(2) == head_dim && sin_.sizes() == cos_.sizes(),
+                "RoPE tables: [tables, max_len, head_dim]");
   }
 
   void add_block(ProjectionPtr qkv, ProjectionPtr o, ProjectionPtr gate_up, ProjectionPtr down, Tensor norm_attn,
-                 Tensor norm_mlp, c10::optional<Tensor> q_norm, c10::optional<Tensor> k_norm) {
+                 Tensor norm_mlp, c10::optional<Tensor> q_norm, c10::optional<Tensor> k_norm,
+                 c10::optional<Tensor> post_attn, c10::optional<Tensor> post_mlp, int64_t window, int64_t rope) {
+    TORCH_CHECK(window >= 0 && rope >= 0 && rope < cos_.size(0), "window or RoPE table out of range");
     Block blk{qkv, o, gate_up, down, to_floats(norm_attn), to_floats(norm_mlp)};
     if (q_norm) blk.q_norm = to_floats(*q_norm);
     if (k_norm) blk.k_norm = to_floats(*k_norm);
+    if (post_attn) blk.post_attn = to_floats(*post_attn);
+    if (post_mlp) blk.post_mlp = to_floats(*post_mlp);
+    blk.window = window, blk.rope = rope;
     blocks_.push_back(std::move(blk));
   }
 
@@ -276,10 +298,12 @@ class DecodeStep {
     } else {
       embed(token, h.data(), D);
     }
-    const float* cos = cos_.data_ptr<float>() + position * d_;
-    const float* sin = sin_.data_ptr<float>() + position * d_;
+    if (embed_scale_ != 1.f)
+      for (float& v : h) v *= embed_scale_;
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const Block& blk = blocks_[i];
+      const float* cos = cos_.data_ptr<float>() + (blk.rope * cos_.size(1) + position) * d_;
+      const float* sin = sin_.data_ptr<float>() + (blk.rope * sin_.size(1) + position) * d_;
       rms_norm(h.data(), blk.norm_attn.data(), D, eps_, x.data());
       (*blk.qkv)(x.data(), qkv.data());
       float *q = qkv.data(), *k = q + q_size, *v = k + kv_size;
@@ -291,17 +315,21 @@ class DecodeStep {
         if (!blk.k_norm.empty()) rms_norm(k + g * d_, blk.k_norm.data(), d_, eps_, k + g * d_);
         rope(k + g * d_, cos, sin, d_);
       }
+      const int64_t first = blk.window ? std::max<int64_t>(0, position - blk.window + 1) : 0;
       if (k_cache_.scalar_type() == at::kBFloat16)
-        store_and_attend<at::BFloat16>(i, position, q, k, v, attn.data());
+        store_and_attend<at::BFloat16>(i, position, first, q, k, v, attn.data());
       else
-        store_and_attend<float>(i, position, q, k, v, attn.data());
-      add_projection(*blk.o, attn.data(), h.data());
+        store_and_attend<float>(i, position, first, q, k, v, attn.data());
+      add_projection(*blk.o, attn.data(), blk.post_attn, h.data());
       rms_norm(h.data(), blk.norm_mlp.data(), D, eps_, x.data());
       const int64_t I = blk.gate_up->out_features() / 2;
       gu_.resize(2 * I);
       (*blk.gate_up)(x.data(), gu_.data());
-      for (int64_t j = 0; j < I; ++j) gu_[j] = gu_[j] / (1.f + std::exp(-gu_[j])) * gu_[I + j];
-      add_projection(*blk.down, gu_.data(), h.data());
+      if (activation_ == kSilu)
+        for (int64_t j = 0; j < I; ++j) gu_[j] = gu_[j] / (1.f + std::exp(-gu_[j])) * gu_[I + j];
+      else
+        for (int64_t j = 0; j < I; ++j) gu_[j] = gelu_tanh(gu_[j]) * gu_[I + j];
+      add_projection(*blk.down, gu_.data(), blk.post_mlp, h.data());
     }
     rms_norm(h.data(), final_norm_.data(), D, eps_, x.data());
     Tensor logits = at::empty({1, head_->out_features()}, at::TensorOptions().dtype(at::kFloat));
@@ -326,14 +354,17 @@ class DecodeStep {
     }
   }
 
-  void add_projection(const Projection& p, const float* x, float* h) {
+  // h += y, or h += RMSNorm(y) · post where the family normalises the block's output; y = x Wᵀ.
+  void add_projection(const Projection& p, const float* x, const std::vector<float>& post, float* h) {
     out_.resize(p.out_features());
     p(x, out_.data());
+    if (!post.empty()) rms_norm(out_.data(), post.data(), p.out_features(), eps_, out_.data());
     for (int64_t j = 0; j < p.out_features(); ++j) h[j] += out_[j];
   }
 
   template <typename T>
-  void store_and_attend(size_t layer, int64_t position, const float* q, const float* k, const float* v, float* out) {
+  void store_and_attend(size_t layer, int64_t position, int64_t first, const float* q, const float* k, const float* v,
+                        float* out) {
     T* kc = k_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
     T* vc = v_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
     for (int64_t g = 0; g < kv_heads_; ++g) {
@@ -344,7 +375,7 @@ class DecodeStep {
         vdst[j] = static_cast<T>(v[g * d_ + j]);
       }
     }
-    attend(q, kc, vc, position + 1, out);
+    attend(q, kc + first * d_, vc + first * d_, position + 1 - first, out);
   }
 
   // a_h = softmax(q_h · K[0..T) / √d) V[0..T) for every head. Positions are split into one chunk per
@@ -354,7 +385,7 @@ class DecodeStep {
   template <typename T>
   void attend(const float* q, const T* kc, const T* vc, int64_t T_len, float* out) const {
     const int64_t d = d_, H = heads_, group = heads_ / kv_heads_, max_len = max_len_;
-    const float inv_sqrt_d = 1.f / std::sqrt(static_cast<float>(d));
+    const float scale = attn_scale_;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T_len / 64));
     std::vector<float> m(chunks * H), l(chunks * H), o(chunks * H * d, 0.f);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -366,7 +397,7 @@ class DecodeStep {
           const T* V = vc + g * max_len * d;
           for (int64_t t = t0; t < t1; ++t)
             for (int64_t r = 0; r < group; ++r)
-              s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * inv_sqrt_d;
+              s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * scale;
           for (int64_t r = 0; r < group; ++r) {
             float* sr = s.data() + r * n;
             float mx = -INFINITY, sum = 0.f;
@@ -400,6 +431,8 @@ class DecodeStep {
 
   int64_t heads_, kv_heads_, d_, max_len_;
   double eps_;
+  float attn_scale_, embed_scale_;
+  int64_t activation_;
   Tensor cos_, sin_, k_cache_, v_cache_;
   std::vector<float> final_norm_;
   std::vector<Block> blocks_;
@@ -432,7 +465,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return y;
       });
   pybind11::class_<DecodeStep>(m, "DecodeStep", pybind11::module_local())
-      .def(pybind11::init<int64_t, int64_t, int64_t, double, Tensor, Tensor, Tensor, Tensor, Tensor>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, double, Tensor, Tensor, Tensor, Tensor, Tensor, double, double,
+                          int64_t>())
       .def("add_block", &DecodeStep::add_block)
       .def("set_embedding_table", &DecodeStep::set_embedding_table)
       .def("set_embedding_rows", &DecodeStep::set_embedding_rows)
