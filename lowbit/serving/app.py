@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lowbit.errors import LowbitError
@@ -106,7 +107,11 @@ def create_app(llm, model_name: str, api_key: Optional[str] = None) -> FastAPI:
                     cancel.set()
                     await worker
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # A client that disconnects leaves the generator suspended at a yield, holding `turn`, until it is
+        # garbage-collected; closing it after the response (Starlette runs the task on disconnect too)
+        # releases the turn at once.
+        body = events()
+        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(body.aclose))
 
     def usage(prompt_tokens: int, text: str) -> dict:
         completion = len(llm.tokenizer(text, add_special_tokens=False).input_ids)
