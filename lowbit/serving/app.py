@@ -16,13 +16,24 @@ from typing import Iterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lowbit.errors import LowbitError
 from lowbit.serving.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 DEFAULT_MAX_TOKENS = 256
+
+
+class _ClosingStream(StreamingResponse):
+    """Closes its generator however the response ends: a client that disconnects makes Starlette raise out
+    of ``stream_response`` and leaves the generator suspended, holding the model's turn until it is
+    garbage-collected (the next request and shutdown would wait for that)."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 class _Cancelled(Exception):
@@ -107,11 +118,7 @@ def create_app(llm, model_name: str, api_key: Optional[str] = None) -> FastAPI:
                     cancel.set()
                     await worker
 
-        # A client that disconnects leaves the generator suspended at a yield, holding `turn`, until it is
-        # garbage-collected; closing it after the response (Starlette runs the task on disconnect too)
-        # releases the turn at once.
-        body = events()
-        return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(body.aclose))
+        return _ClosingStream(events(), media_type="text/event-stream")
 
     def usage(prompt_tokens: int, text: str) -> dict:
         completion = len(llm.tokenizer(text, add_special_tokens=False).input_ids)
