@@ -8,9 +8,10 @@ A weight [N, K] on a b-bit grid (b ∈ {2, 3, 4, 8}) is stored per row in blocks
 * 2 bits: byte i = c[i] | c[i + 8] << 2 | c[i + 16] << 4 | c[i + 24] << 6.
 * 3 bits: the 2-bit layout of c & 3, then a little-endian 32-bit word whose bit i is c[i] >> 2.
 
-Each group j of g columns (g a multiple of ``BLOCK``) has a float16 scale s and offset o, w = s·c + o.
-lowbit's grid is ŵ = (q − z)·s with signed q; so c = q + 2^(b−1), o = −s·(2^(b−1) + z) for b < 8,
-and c = q, o = −s·z (none when z = 0) for 8 bits.
+Each group j of g columns (g a multiple of ``BLOCK``) has a float16 scale s and an optional float16
+offset o: w = s·(c − c₀) + o, with the zero code c₀ = 2^(b−1) for b < 8 and 0 for 8 bits
+(:func:`zero_code`). lowbit's grid is ŵ = (q − z)·s with signed q; so c = q + c₀ and o = −s·z, none
+for a symmetric grid (z = 0): the kernels then subtract c₀·Σx in integers and need no offset term.
 
 These functions are the reference the C++ kernels (``csrc/qgemv.cpp``) are tested against; the
 constants reach the C++ build as ``-D`` flags (:func:`compile_definitions`), so they are defined once.
@@ -70,25 +71,24 @@ def why_not_packable(qw: QuantizedWeight) -> Optional[str]:
     if k % BLOCK or g % BLOCK:
         return f"group size {g} or width {k} not a multiple of {BLOCK}"
     s = qw.scale.float()
-    zp = 0.0 if qw.zero_point is None else qw.zero_point.float()
-    offset = s * (zp + (1 << (args.num_bits - 1)) if args.num_bits < 8 else zp)
+    offset = s * (0.0 if qw.zero_point is None else qw.zero_point.float())
     if not (torch.isfinite(offset).all() and float(s.abs().max()) <= FP16_MAX and float(offset.abs().max()) <= FP16_MAX):
         return "scales beyond float16's range"
     return None
+
+
+def zero_code(bits: int) -> int:
+    """c₀: the code of w = 0 on a symmetric grid (the C++ kernels use the same formula)."""
+    return 0 if bits == 8 else 1 << (bits - 1)
 
 
 def pack(qw: QuantizedWeight) -> PackedWeight:
     """``qw`` in the kernels' layout (see the module docstring); call :func:`why_not_packable` first."""
     bits, (n, k), g = qw.args.num_bits, qw.shape, qw.group_size
     s = qw.scale.float()
-    z = None if qw.zero_point is None else qw.zero_point.float()
-    if bits == 8:
-        codes = qw.q.to(torch.int8).view(torch.uint8)
-        offset = None if z is None else -s * z
-    else:
-        half = 1 << (bits - 1)
-        codes = (qw.q.to(torch.int16) + half).to(torch.uint8)
-        offset = -s * (half + (0.0 if z is None else z))
+    offset = None if qw.zero_point is None else -s * qw.zero_point.float()
+    c = qw.q.to(torch.int16) + zero_code(bits)
+    codes = c.to(torch.int8).view(torch.uint8) if bits == 8 else c.to(torch.uint8)
     return PackedWeight(
         pack_codes(codes, bits), s.to(torch.float16).contiguous(),
         None if offset is None else offset.to(torch.float16).contiguous(), bits, g, (n, k),
@@ -131,10 +131,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def dequantize_packed(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w = s·c + o in float32 (then ``dtype``): the reference for the kernels' dequantization."""
+    """w = s·(c − c₀) + o in float32 (then ``dtype``): the reference for the kernels' dequantization."""
     n, k = w.shape
     c = unpack_codes(w.packed, w.bits, k)
-    c = (c.view(torch.int8) if w.bits == 8 else c).float().reshape(n, k // w.group_size, w.group_size)
+    c = (c.view(torch.int8) if w.bits == 8 else c).float() - zero_code(w.bits)
+    c = c.reshape(n, k // w.group_size, w.group_size)
     out = c * w.scale.float()[..., None]
     if w.offset is not None:
         out = out + w.offset.float()[..., None]

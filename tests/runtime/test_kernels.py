@@ -117,6 +117,9 @@ def test_packed_4bit_stores_half_a_byte_per_weight_plus_fp16_scales():
     layer = fast_linear(quantize(torch.randn(256, 512), make_scheme(4, 64).weights))
     assert layer.packed.numel() == 256 * 512 // 2
     assert layer.scale.dtype == torch.float16 and layer.scale.shape == (256, 8)
+    assert layer.offset is None  # symmetric: the zero code is implicit, no offset is stored or read
+    asym = fast_linear(quantize(torch.randn(256, 512), make_scheme(4, 64, symmetric=False).weights))
+    assert asym.offset.dtype == torch.float16 and asym.offset.shape == (256, 8)
 
 
 @pytest.mark.parametrize("grid_or_method", ["nf", "float", "hqq"])

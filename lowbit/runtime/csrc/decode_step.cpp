@@ -26,6 +26,7 @@
 #endif
 
 #include "qgemv.h"
+#include "simd.h"
 
 namespace {
 
@@ -165,11 +166,6 @@ inline __m256 load_row(const at::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-inline float reduce_add(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
 #endif
 
 template <typename T>
@@ -183,7 +179,7 @@ inline float dot_row(const float* q, const T* k, int64_t d) {
 #elif defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps();
   for (; j + kLanes <= d; j += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load_row(k + j), acc);
-  dot = reduce_add(acc);
+  dot = lowbit::hsum(acc);
 #endif
   for (; j < d; ++j) dot += q[j] * to_float(k[j]);
   return dot;

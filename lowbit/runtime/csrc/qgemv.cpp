@@ -8,10 +8,11 @@
 //   4 bits: byte i = c[i] | c[i+16] << 4                              (i < 16)
 //   2 bits: byte i = c[i] | c[i+8] << 2 | c[i+16] << 4 | c[i+24] << 6  (i < 8)
 //   3 bits: the 2-bit layout of c & 3, then a 32-bit little-endian word whose bit i is c[i] >> 2.
-// Per group j of g columns (g a multiple of B) a float16 scale s_j and offset o_j: w = s_j·c + o_j.
+// Per group j of g columns (g a multiple of B) a float16 scale s_j and an optional offset o_j:
+// w = s_j·(c − c₀) + o_j, c₀ the zero code (2^(bits−1), or 0 for 8 bits; layout.zero_code).
 //
 // Activations are quantized per block b to int8 (x ≈ d_b·xq, d_b = max|x|/127) as llama.cpp does, so
-//   y_n = Σ_j s_j Σ_{b∈j} d_b (c·xq)_b  +  Σ_j o_j X_j,     X_j = Σ_{b∈j} d_b Σ_i xq_i,
+//   y_n = Σ_j s_j Σ_{b∈j} d_b ((c − c₀)·xq)_b  +  Σ_j o_j X_j,     X_j = Σ_{b∈j} d_b Σ_i xq_i,
 // where (c·xq)_b is one unsigned×signed byte dot product (VPDPBUSD, or VPMADDUBSW + VPMADDWD).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -27,6 +28,7 @@
 #endif
 
 #include "qgemv.h"
+#include "simd.h"
 
 namespace lowbit {
 
@@ -66,14 +68,18 @@ inline void unpack_block_scalar(const uint8_t* p, uint8_t* c) {
   }
 }
 
+// c₀, the code of w = 0 on a symmetric grid (layout.zero_code).
+template <int BITS>
+constexpr int zero_code() { return BITS == 8 ? 0 : 1 << (BITS - 1); }
+
 struct Activations {
   int64_t M = 0, K = 0, groups = 0;
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> d;      // [M, K / B]
   std::vector<float> sums;   // [M, groups]: X_j
   std::vector<float> dv;     // [M, K / B, 8]: d_b broadcast for the 256-bit kernels
-  std::vector<int8_t> qz;    // [M, K / 2B, 2B]: block pairs in the lane order of unpack_pair (512-bit kernels)
-  std::vector<float> dz;     // [M, K / 2B, 16]: d_b of each int32 lane of a pair's dot product
+  std::vector<int8_t> qz;    // [M, K / 2B, 2B]: block pairs in the lane order of unpack_pair (pair kernels)
+  std::vector<float> dz;     // [M, K / 2B, kPairLanes]: d_b of each int32 lane of a pair's dot product
 };
 
 // x ≈ d·xq per block of B, round to nearest even, as the scalar and vector paths both do.
@@ -145,9 +151,7 @@ inline float group_dot(const uint16_t* V, int64_t n, int64_t G, const Activation
   for (; j + 8 <= G; j += 8)
     acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o + j))),
                           _mm256_loadu_ps(X + j), acc);
-  __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  t = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+  t = hsum(acc);
 #endif
   for (; j < G; ++j) t += half_to_float(o[j]) * X[j];
   return t;
@@ -194,12 +198,6 @@ inline __m256i dot_block(__m256i c, __m256i x) {
   else return dot_u8s8(c, x);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // Weight rows processed together: independent accumulator chains, and each activation block
@@ -263,14 +261,17 @@ inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m);
+    for (int m = 0; m < M; ++m)
+      y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m) -
+                         (zero_code<BITS>() ? zero_code<BITS>() * group_dot(S, n + r, G, a, m) : 0.f);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// The 512-bit kernels take two blocks A, B (2B columns) per step. unpack_pair puts their codes in the
-// zmm lanes in whatever order is cheapest for the packed layout; the activations are rearranged once
-// per call to the same order (pair_order: the source 64-bit word of each destination word, words 0–3
-// from A, 4–7 from B), and each int32 lane of the dot product knows its block (pair_lane_block).
+// The pair kernels take two blocks A, B (2B columns) per step. unpack_pair puts their 64 codes in
+// the vector lanes in whatever order is cheapest for the packed layout (one 512-bit vector, or two
+// 256-bit halves: words 0–3 and 4–7); the activations are rearranged once per call to the same order
+// (pair_order: the source 64-bit word of each destination word, words 0–3 from A, 4–7 from B), and
+// each int32 lane of the dot product knows its block (pair_lane_of). The 256-bit kernels add their
+// two halves' products, so lanes t and t + 8 of the order always belong to the same block.
 template <int BITS>
 constexpr std::array<int64_t, 8> pair_order() {
   if constexpr (BITS == 8) return {0, 1, 2, 3, 4, 5, 6, 7};  // [A | B]
@@ -278,18 +279,44 @@ constexpr std::array<int64_t, 8> pair_order() {
   else return {0, 4, 1, 5, 2, 6, 3, 7};  // per 128-bit lane k: [A, B] codes 8k … 8k + 7
 }
 
+// 0 when int32 lane t (of 16) of a pair's dot product sums columns of A, 1 for B.
 template <int BITS>
-inline __m512i pair_order_vector() {
-  constexpr auto o = pair_order<BITS>();
-  return _mm512_setr_epi64(o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]);
+constexpr int pair_lane_of(int t) { return pair_order<BITS>()[t / 2] >= 4; }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kPairLanes = 16;       // int32 lanes of one pair's dot product
+constexpr bool kPairs8Bit = true;    // VPDPBUSD takes 8-bit codes as c + 128
+#else
+constexpr int kPairLanes = 8;
+constexpr bool kPairs8Bit = false;   // VPMADDUBSW would saturate on c + 128: 8-bit keeps one block per step
+#endif
+
+// The pair kernels need whole pairs that never straddle a group.
+inline bool pairs_fit(int64_t bits, int64_t K, int64_t group) {
+  const int64_t nb = K / kBlock, bpg = group / kBlock;
+  return (bits != 8 || kPairs8Bit) && nb % 2 == 0 && (bpg == 1 || bpg % 2 == 0);
 }
 
-// Per int32 lane t: 0 when it sums columns of A, 1 for B (the permutation index that spreads [v_A, v_B]).
+// qz and dz: the blocks of each pair in pair_order, and each int32 lane's d_b.
+template <int BITS>
+void arrange_pairs(Activations& a) {
+  constexpr auto order = pair_order<BITS>();
+  const int64_t nb = a.K / kBlock, np = nb / 2;
+  a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * kPairLanes);
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t i = m * np + p;
+      const int8_t* x = a.q.data() + m * a.K + 2 * p * kBlock;
+      for (int w = 0; w < 8; ++w) std::memcpy(a.qz.data() + i * 2 * kBlock + 8 * w, x + 8 * order[w], 8);
+      for (int t = 0; t < kPairLanes; ++t) a.dz[i * kPairLanes + t] = a.d[m * nb + 2 * p + pair_lane_of<BITS>(t)];
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 template <int BITS>
 inline __m512i pair_lane_block() {
-  constexpr auto o = pair_order<BITS>();
   alignas(64) int32_t lanes[16];
-  for (int t = 0; t < 16; ++t) lanes[t] = o[t / 2] >= 4;
+  for (int t = 0; t < 16; ++t) lanes[t] = pair_lane_of<BITS>(t);
   return _mm512_load_si512(lanes);
 }
 
@@ -320,7 +347,7 @@ inline __m512i unpack_pair(const uint8_t* p) {
 }
 
 // Sixteen int32 partial sums of c·x; 8-bit codes are signed, so they are offset to c + 128 (unsigned),
-// which adds 128·Σx per block: the caller subtracts 128·Σ_j s_j X_j.
+// which adds 128·Σx per block: the caller subtracts (c₀ or 128)·Σ_j s_j X_j.
 template <int BITS>
 inline __m512i dot_pair(__m512i c, const int8_t* x) {
   if constexpr (BITS == 8) c = _mm512_xor_si512(c, _mm512_set1_epi8(static_cast<char>(0x80)));
@@ -372,32 +399,132 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float v = _mm512_reduce_add_ps(acc[r][m]) + group_dot(O, n + r, G, a, m);
-      if constexpr (BITS == 8) v -= 128.f * group_dot(S, n + r, G, a, m);
+      v -= static_cast<float>(BITS == 8 ? 128 : zero_code<BITS>()) * group_dot(S, n + r, G, a, m);
       y[m * N + n + r] = v;
     }
 }
-
-// The pair kernels need whole pairs that never straddle a group.
-inline bool pairs_fit(int64_t K, int64_t group) {
-  const int64_t nb = K / kBlock, bpg = group / kBlock;
-  return nb % 2 == 0 && (bpg == 1 || bpg % 2 == 0);
+#else
+// The pair's codes as two 256-bit halves: lo = words 0–3 of pair_order, hi = words 4–7 (2, 3, 4 bits).
+template <int BITS>
+inline void unpack_pair(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nibble = _mm256_set1_epi8(0x0F);
+    lo = _mm256_and_si256(v, nibble);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+  } else {
+    int64_t lo_a, lo_b;
+    std::memcpy(&lo_a, p, 8);
+    std::memcpy(&lo_b, p + bb, 8);
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_set_epi64x(lo_b, lo_a)), two = _mm256_set1_epi8(3);
+    lo = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 2, 2)), two);
+    hi = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(4, 4, 6, 6)), two);
+    if constexpr (BITS == 3) {
+      // Byte 16k + i holds A's code 8k + i, byte 16k + 8 + i B's: spread byte k of each high-bit word
+      // (A's in bytes 0–3 of the broadcast word, B's in 4–7) over them and test bit i.
+      const __m256i words = _mm256_set1_epi64x(
+          static_cast<int64_t>(load_u32(p + 8) | static_cast<uint64_t>(load_u32(p + bb + 8)) << 32));
+      const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL)), four = _mm256_set1_epi8(4);
+      const auto high = [&](__m256i spread) {
+        const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(words, spread), bit);
+        return _mm256_and_si256(_mm256_cmpeq_epi8(b, bit), four);
+      };
+      lo = _mm256_or_si256(lo, high(_mm256_setr_epi64x(0, 0x0404040404040404, 0x0101010101010101, 0x0505050505050505)));
+      hi = _mm256_or_si256(hi, high(_mm256_setr_epi64x(0x0202020202020202, 0x0606060606060606, 0x0303030303030303,
+                                                       0x0707070707070707)));
+    }
+  }
 }
 
-// qz and dz of one activation row: the blocks of each pair in pair_order, each lane's d_b.
+// One activation row's pair, shared by every weight row: its halves, and c₀·Σx per int16 lane.
+struct PairX {
+  __m256i lo, hi, zero;
+};
+
 template <int BITS>
-void arrange_pairs(Activations& a) {
-  const int64_t nb = a.K / kBlock, np = nb / 2;
-  a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * 16);
-  const __m512i order = pair_order_vector<BITS>(), lane_block = pair_lane_block<BITS>();
-  for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t p = 0; p < np; ++p) {
-      const int64_t i = m * np + p;
-      const __m512i x = _mm512_loadu_si512(a.q.data() + m * a.K + 2 * p * kBlock);
-      _mm512_storeu_si512(a.qz.data() + i * 2 * kBlock, _mm512_permutexvar_epi64(order, x));
-      const __m512 d = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(
-          reinterpret_cast<const __m128i*>(a.d.data() + m * nb + 2 * p))));
-      _mm512_storeu_ps(a.dz.data() + i * 16, _mm512_permutexvar_ps(lane_block, d));
+inline PairX load_pair_x(const int8_t* x) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+  const __m256i c0 = _mm256_set1_epi8(zero_code<BITS>());
+  return {lo, hi, _mm256_add_epi16(_mm256_maddubs_epi16(c0, lo), _mm256_maddubs_epi16(c0, hi))};
+}
+
+// Eight int32 partial sums of (c − c₀)·x over the pair, in int16 until one widening: each VPMADDUBSW
+// lane is at most 2·15·127 = 3810 for 4-bit codes, the two halves' sum 7620, so nothing saturates.
+inline __m256i dot_pair(__m256i lo, __m256i hi, const PairX& x) {
+  const __m256i cx = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x.lo), _mm256_maddubs_epi16(hi, x.hi));
+  return _mm256_madd_epi16(_mm256_sub_epi16(cx, x.zero), _mm256_set1_epi16(1));
+}
+
+// y[m, n] for R weight rows from n, two blocks per step (2, 3, 4 bits). Group size one block: the
+// scales of four pairs are converted at once and each pair's lane multipliers s_j·d_b permuted out
+// of them; larger groups (an even number of blocks) accumulate Σ cvt(c·xq)·d_b per group first.
+template <int BITS, int M, int R>
+inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t K,
+                            int64_t group, const Activations& a, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, np = nb / 2, bpg = group / kBlock, G = K / group;
+  const int8_t* xz = a.qz.data();
+  const float* dz = a.dz.data();
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  if (bpg == 1) {
+    const __m256i lane_block = _mm256_setr_epi32(pair_lane_of<BITS>(0), pair_lane_of<BITS>(1), pair_lane_of<BITS>(2),
+                                                 pair_lane_of<BITS>(3), pair_lane_of<BITS>(4), pair_lane_of<BITS>(5),
+                                                 pair_lane_of<BITS>(6), pair_lane_of<BITS>(7));
+    for (int64_t p0 = 0; p0 < np; p0 += 4) {
+      const int64_t n4 = std::min<int64_t>(4, np - p0);
+      __m256 s8[R];
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* s = S + (n + r) * G + 2 * p0;
+        if (n4 == 4) {
+          s8[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+        } else {
+          alignas(32) float t[8] = {};
+          for (int64_t i = 0; i < 2 * n4; ++i) t[i] = half_to_float(s[i]);
+          s8[r] = _mm256_load_ps(t);
+        }
+      }
+      for (int64_t q = 0; q < n4; ++q) {
+        const int64_t p = p0 + q;
+        const __m256i spread = _mm256_add_epi32(lane_block, _mm256_set1_epi32(static_cast<int>(2 * q)));
+        PairX x[M];
+        for (int m = 0; m < M; ++m) x[m] = load_pair_x<BITS>(xz + (m * np + p) * 2 * kBlock);
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          unpack_pair<BITS>(W + ((n + r) * nb + 2 * p) * bb, lo, hi);
+          const __m256 s = _mm256_permutevar8x32_ps(s8[r], spread);
+          for (int m = 0; m < M; ++m)
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_pair(lo, hi, x[m])),
+                                        _mm256_mul_ps(s, _mm256_loadu_ps(dz + (m * np + p) * 8)), acc[r][m]);
+        }
+      }
     }
+  } else {
+    for (int64_t j = 0; j < G; ++j) {
+      __m256 g_acc[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) g_acc[r][m] = _mm256_setzero_ps();
+      for (int64_t p = j * bpg / 2; p < (j + 1) * bpg / 2; ++p) {
+        PairX x[M];
+        for (int m = 0; m < M; ++m) x[m] = load_pair_x<BITS>(xz + (m * np + p) * 2 * kBlock);
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          unpack_pair<BITS>(W + ((n + r) * nb + 2 * p) * bb, lo, hi);
+          for (int m = 0; m < M; ++m)
+            g_acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_pair(lo, hi, x[m])),
+                                          _mm256_loadu_ps(dz + (m * np + p) * 8), g_acc[r][m]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 s = _mm256_set1_ps(half_to_float(S[(n + r) * G + j]));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(g_acc[r][m], s, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m);
 }
 #endif
 
@@ -407,13 +534,13 @@ void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n
                int64_t group, const Activations& a, float* y, int64_t N) {
   constexpr int R = tile_rows(M);
   int64_t n = n0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (pairs_fit(K, group)) {
-    for (; n + R <= n1; n += R) gemv_tile_pairs<BITS, M, R>(W, S, O, n, K, group, a, y, N);
-    for (; n < n1; ++n) gemv_tile_pairs<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
-    return;
+  if constexpr (BITS != 8 || kPairs8Bit) {
+    if (pairs_fit(BITS, K, group)) {
+      for (; n + R <= n1; n += R) gemv_tile_pairs<BITS, M, R>(W, S, O, n, K, group, a, y, N);
+      for (; n < n1; ++n) gemv_tile_pairs<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
+      return;
+    }
   }
-#endif
   for (; n + R <= n1; n += R) gemv_tile<BITS, M, R>(W, S, O, n, K, group, a, y, N);
   for (; n < n1; ++n) gemv_tile<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
 }
@@ -443,15 +570,17 @@ void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n
       const float s = half_to_float(S[n * G + j]);
       for (int m = 0; m < M; ++m) acc[m] += g_acc[m] * s;
     }
-    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + group_dot(O, n, G, a, m);
+    for (int m = 0; m < M; ++m)
+      y[m * N + n] = acc[m] + group_dot(O, n, G, a, m) -
+                     (zero_code<BITS>() ? zero_code<BITS>() * group_dot(S, n, G, a, m) : 0.f);
   }
 }
 #endif
 
-// The per-call activation layout the chosen kernel reads: block pairs (512-bit), broadcast d_b (256-bit).
+// The per-call activation layout the chosen kernel reads: block pairs, or broadcast d_b (one block per step).
 void arrange_for_kernel(int64_t bits, int64_t group, Activations& a) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (pairs_fit(a.K, group)) {
+#if defined(__AVX2__)
+  if (pairs_fit(bits, a.K, group)) {
     switch (bits) {
       case 2: return arrange_pairs<2>(a);
       case 3: return arrange_pairs<3>(a);
@@ -459,8 +588,6 @@ void arrange_for_kernel(int64_t bits, int64_t group, Activations& a) {
       default: return arrange_pairs<8>(a);
     }
   }
-#endif
-#if defined(__AVX2__)
   a.dv.resize(a.d.size() * 8);
   for (size_t i = 0; i < a.d.size(); ++i) _mm256_storeu_ps(a.dv.data() + 8 * i, _mm256_set1_ps(a.d[i]));
 #endif
@@ -483,7 +610,7 @@ void gemv_dispatch_rows(int64_t M, const uint8_t* W, const uint16_t* S, const ui
   }
 }
 
-// Rows [n0, n1) of w = s·c + o, written to out [n1 − n0, K].
+// Rows [n0, n1) of w = s·(c − c₀) + o, written to out [n1 − n0, K].
 template <int BITS>
 void dequantize_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
                      int64_t group, float* out) {
@@ -497,7 +624,8 @@ void dequantize_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int
       unpack_block_scalar<BITS>(W + (n * nb + b) * bb, c);
       float* w = out + (n - n0) * K + b * kBlock;
       for (int i = 0; i < kBlock; ++i)
-        w[i] = s * (BITS == 8 ? static_cast<float>(static_cast<int8_t>(c[i])) : static_cast<float>(c[i])) + o;
+        w[i] = s * (BITS == 8 ? static_cast<float>(static_cast<int8_t>(c[i]))
+                              : static_cast<float>(static_cast<int>(c[i]) - zero_code<BITS>())) + o;
     }
   }
 }
