@@ -80,6 +80,7 @@ struct Activations {
   std::vector<float> dv;     // [M, K / B, 8]: d_b broadcast for the 256-bit kernels
   std::vector<int8_t> qz;    // [M, K / 2B, 2B]: block pairs in the lane order of unpack_pair (pair kernels)
   std::vector<float> dz;     // [M, K / 2B, kPairLanes]: d_b of each int32 lane of a pair's dot product
+  std::vector<float> xs;     // [M, K / 2B, kPairLanes]: X_b shared out over its block's lanes (group = block)
 };
 
 // x ≈ d·xq per block of B, round to nearest even, as the scalar and vector paths both do.
@@ -302,13 +303,19 @@ template <int BITS>
 void arrange_pairs(Activations& a) {
   constexpr auto order = pair_order<BITS>();
   const int64_t nb = a.K / kBlock, np = nb / 2;
-  a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * kPairLanes);
+  constexpr int per_block = kPairLanes / 2;
+  const bool block_groups = a.groups == nb;
+  a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * kPairLanes), a.xs.resize(block_groups ? a.M * np * kPairLanes : 0);
   for (int64_t m = 0; m < a.M; ++m)
     for (int64_t p = 0; p < np; ++p) {
       const int64_t i = m * np + p;
       const int8_t* x = a.q.data() + m * a.K + 2 * p * kBlock;
       for (int w = 0; w < 8; ++w) std::memcpy(a.qz.data() + i * 2 * kBlock + 8 * w, x + 8 * order[w], 8);
-      for (int t = 0; t < kPairLanes; ++t) a.dz[i * kPairLanes + t] = a.d[m * nb + 2 * p + pair_lane_of<BITS>(t)];
+      for (int t = 0; t < kPairLanes; ++t) {
+        const int64_t b = m * nb + 2 * p + pair_lane_of<BITS>(t);
+        a.dz[i * kPairLanes + t] = a.d[b];
+        if (block_groups) a.xs[i * kPairLanes + t] = a.sums[b] / per_block;
+      }
     }
 }
 
@@ -456,9 +463,18 @@ inline __m256i dot_pair(__m256i lo, __m256i hi, const PairX& x) {
   return _mm256_madd_epi16(_mm256_sub_epi16(cx, x.zero), _mm256_set1_epi16(1));
 }
 
+// count ≤ 8 float16 values as float32 lanes (the rest zero).
+inline __m256 load_halves(const uint16_t* h, int64_t count) {
+  if (count == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  alignas(16) uint16_t t[8] = {};
+  std::memcpy(t, h, count * sizeof(uint16_t));
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
 // y[m, n] for R weight rows from n, two blocks per step (2, 3, 4 bits). Group size one block: the
-// scales of four pairs are converted at once and each pair's lane multipliers s_j·d_b permuted out
-// of them; larger groups (an even number of blocks) accumulate Σ cvt(c·xq)·d_b per group first.
+// scales (and offsets) of four pairs are converted at once and each pair's lane multipliers s_j·d_b
+// (and o_j) permuted out of them; larger groups (an even number of blocks) accumulate Σ cvt(c·xq)·d_b
+// per group first and add Σ_j o_j X_j at the end.
 template <int BITS, int M, int R>
 inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t K,
                             int64_t group, const Activations& a, float* y, int64_t N) {
@@ -475,16 +491,10 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
                                                  pair_lane_of<BITS>(6), pair_lane_of<BITS>(7));
     for (int64_t p0 = 0; p0 < np; p0 += 4) {
       const int64_t n4 = std::min<int64_t>(4, np - p0);
-      __m256 s8[R];
+      __m256 s8[R], o8[R];
       for (int r = 0; r < R; ++r) {
-        const uint16_t* s = S + (n + r) * G + 2 * p0;
-        if (n4 == 4) {
-          s8[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-        } else {
-          alignas(32) float t[8] = {};
-          for (int64_t i = 0; i < 2 * n4; ++i) t[i] = half_to_float(s[i]);
-          s8[r] = _mm256_load_ps(t);
-        }
+        s8[r] = load_halves(S + (n + r) * G + 2 * p0, 2 * n4);
+        if (O) o8[r] = load_halves(O + (n + r) * G + 2 * p0, 2 * n4);
       }
       for (int64_t q = 0; q < n4; ++q) {
         const int64_t p = p0 + q;
@@ -498,6 +508,11 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
           for (int m = 0; m < M; ++m)
             acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_pair(lo, hi, x[m])),
                                         _mm256_mul_ps(s, _mm256_loadu_ps(dz + (m * np + p) * 8)), acc[r][m]);
+          if (O) {  // the offset term o_b·X_b, in the same lanes
+            const __m256 o = _mm256_permutevar8x32_ps(o8[r], spread);
+            for (int m = 0; m < M; ++m)
+              acc[r][m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(a.xs.data() + (m * np + p) * 8), acc[r][m]);
+          }
         }
       }
     }
@@ -524,7 +539,7 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m);
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + (bpg == 1 ? 0.f : group_dot(O, n + r, G, a, m));
 }
 #endif
 
