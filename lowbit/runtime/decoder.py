@@ -129,7 +129,11 @@ class LeanDecoder(nn.Module):
         quantize: Optional[WeightQuantizer] = None,
         quantize_head: Optional[WeightQuantizer] = None,
         dtype: Optional[torch.dtype] = None,
+        cache_dtype: torch.dtype = torch.bfloat16,
     ):
+        """``dtype``: compute dtype (default: what this CPU computes natively). ``cache_dtype``: how K and V
+        are stored; bfloat16 on every CPU by default (half the bytes a decode step reads at depth, as
+        llama.cpp's f16 cache), widened to float32 as it is read."""
         super().__init__()
         config = hf_model.config
         family = FAMILIES[config.model_type]
@@ -167,8 +171,8 @@ class LeanDecoder(nn.Module):
         self.register_buffer("cos", torch.stack([cos[0].float() for cos, _ in tables]))  # [kinds, max_len, d]
         self.register_buffer("sin", torch.stack([sin[0].float() for _, sin in tables]))
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
         self.step_unavailable = unavailable_reason() if self.dtype in (torch.float32, torch.bfloat16) else (
             f"compute dtype {self.dtype}")
         self.step = None if self.step_unavailable else self._compiled_step(native_module())
@@ -202,6 +206,7 @@ class LeanDecoder(nn.Module):
         report = kernels_by_kind(self.projections())
         report["decode step"] = ("compiled (csrc/decode_step.cpp)" if self.step is not None
                                  else f"PyTorch loop ({self.step_unavailable})")
+        report["KV cache"] = str(self.k_cache.dtype).removeprefix("torch.")
         return report
 
     @staticmethod
@@ -226,7 +231,7 @@ class LeanDecoder(nn.Module):
     def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
         """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal, within the block's window.
 
-        Written as two bf16 matmuls per chunk of query rows (the query heads sharing a key/value head
+        Written as two matmuls in the compute dtype per chunk of query rows (the query heads sharing a key/value head
         stacked into one matrix): on CPU this is ~2x faster than the fused SDPA kernel for prompts,
         and the chunks bound the score matrix to heads × 256 × context floats.
         """
@@ -236,8 +241,8 @@ class LeanDecoder(nn.Module):
             k, v = self.k_cache[i, 0, :, first:end], self.v_cache[i, 0, :, first:end]
             return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True,
                                                   scale=self.attn_scale)
-        k, v = self.k_cache[i, 0, :, :end], self.v_cache[i, 0, :, :end]
-        q = q.to(k.dtype)
+        k, v = self.k_cache[i, 0, :, :end].to(self.dtype), self.v_cache[i, 0, :, :end].to(self.dtype)
+        q = q.to(self.dtype)
         rep, d = self.heads // self.kv_heads, self.head_dim
         out = torch.empty_like(q)
         for r0 in range(0, T, ATTENTION_CHUNK):

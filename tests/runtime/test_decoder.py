@@ -36,6 +36,19 @@ def test_incremental_decoding_equals_one_long_prefill(quantized_model):
     torch.testing.assert_close(torch.cat([chunk, torch.stack(steps)]), full[5:], rtol=0.02, atol=0.05)
 
 
+def test_the_bfloat16_cache_halves_its_bytes_and_decodes_as_a_float32_cache_does(quantized_model):
+    ids = torch.randint(0, quantized_model.config.vocab_size, (1, 40))
+    wide = LeanDecoder(quantized_model, max_len=64, dtype=torch.float32, cache_dtype=torch.float32)
+    narrow = LeanDecoder(quantized_model, max_len=64, dtype=torch.float32)  # the default cache on every CPU
+    assert narrow.k_cache.dtype == torch.bfloat16 and narrow.kernels()["KV cache"] == "bfloat16"
+    assert 2 * narrow.k_cache.nbytes == wide.k_cache.nbytes
+    a, b = (d(ids[:, :32], 0, last_only=False)[0] for d in (wide, narrow))
+    steps = [[d(ids[:, i : i + 1], i)[0, -1] for i in range(32, 40)] for d in (wide, narrow)]
+    for x, y in zip([a, *steps[0]], [b, *steps[1]]):
+        assert float((x - y).abs().max()) < 0.01 * float(x.abs().max())
+    assert [int(x.argmax()) for x in steps[0]] == [int(y.argmax()) for y in steps[1]]
+
+
 def test_context_overflow_is_refused(quantized_model):
     decoder = LeanDecoder(quantized_model, max_len=8)
     with pytest.raises(ValueError, match="exceeds the context"):
@@ -77,7 +90,7 @@ def test_the_lean_decoder_computes_gemma_3_as_transformers_does(tiny_tokenizer, 
     ids = torch.randint(0, model.config.vocab_size, (1, T))
     with torch.no_grad():
         ref = model(input_ids=ids).logits[0]
-    decoder = LeanDecoder(model, max_len=64, dtype=torch.float32)
+    decoder = LeanDecoder(model, max_len=64, dtype=torch.float32, cache_dtype=torch.float32)
     torch.testing.assert_close(decoder(ids, 0, last_only=False)[0], ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
     decoder(ids[:, : T - 1], 0)
     step = decoder(ids[:, T - 1 :], T - 1)[0, -1]  # the compiled step when available
