@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.cpu import CpuInfo, compute_dtype, forced_isa, selected_isa
+from lowbit.runtime.cpu import TORCH_SWITCHES, CpuInfo, compute_dtype, forced_isa, selected_isa
 
 ZEN3 = CpuInfo("x86_64", "AMD EPYC (Zen 3)", frozenset("fma avx avx2 f16c sse4_2".split()))
 ZEN4 = CpuInfo("x86_64", "AMD EPYC (Zen 4)", frozenset(
@@ -32,8 +32,11 @@ def test_forcing_a_lower_level_also_drops_bf16(monkeypatch):
 
 
 def _env_json(**env) -> dict:
+    """``lowbit env --json`` in a fresh process, without the torch switches this process may have set."""
+    switches = {name for level in TORCH_SWITCHES.values() for name in level}
+    inherited = {k: v for k, v in os.environ.items() if k not in switches}
     done = subprocess.run([sys.executable, "-m", "lowbit.cli.main", "env", "--json"], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600)
+                          env={**inherited, **env}, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

@@ -158,6 +158,14 @@ inline float group_dot(const uint16_t* V, int64_t n, int64_t G, const Activation
   return t;
 }
 
+// The per-row terms outside the block loop: Σ_j o_j X_j − zero·Σ_j s_j X_j, zero being c₀ (or, for
+// kernels that offset signed 8-bit codes to c + 128, 128).
+template <int BITS>
+inline float row_terms(const uint16_t* S, const uint16_t* O, int64_t n, int64_t G, const Activations& a, int64_t m,
+                       int zero = zero_code<BITS>()) {
+  return group_dot(O, n, G, a, m) - (zero ? static_cast<float>(zero) * group_dot(S, n, G, a, m) : 0.f);
+}
+
 #if defined(__AVX2__)
 template <int BITS>
 inline __m256i unpack_block(const uint8_t* p) {
@@ -277,8 +285,7 @@ inline void gemv_tile(const uint8_t* W, const uint16_t* S, const uint16_t* O, in
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m)
-      y[m * N + n + r] = hsum(acc[r][m]) + group_dot(O, n + r, G, a, m) -
-                         (zero_code<BITS>() ? zero_code<BITS>() * group_dot(S, n + r, G, a, m) : 0.f);
+      y[m * N + n + r] = hsum(acc[r][m]) + row_terms<BITS>(S, O, n + r, G, a, m);
 }
 
 // The pair kernels take two blocks A, B (2B columns) per step. unpack_pair puts their 64 codes in
@@ -299,11 +306,13 @@ template <int BITS>
 constexpr int pair_lane_of(int t) { return pair_order<BITS>()[t / 2] >= 4; }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int kPairLanes = 16;       // int32 lanes of one pair's dot product
-constexpr bool kPairs8Bit = true;    // VPDPBUSD takes 8-bit codes as c + 128
+constexpr int kPairLanes = 16;          // int32 lanes of one pair's dot product
+constexpr bool kPairs8Bit = true;       // VPDPBUSD takes 8-bit codes as c + 128
+constexpr bool kOffsetsInLoop = false;  // offsets are added per row after the loop
 #else
 constexpr int kPairLanes = 8;
-constexpr bool kPairs8Bit = false;   // VPMADDUBSW would saturate on c + 128: 8-bit keeps one block per step
+constexpr bool kPairs8Bit = false;      // VPMADDUBSW would saturate on c + 128: 8-bit keeps one block per step
+constexpr bool kOffsetsInLoop = true;   // groups of one block: o_b·X_b in the block loop, from xs
 #endif
 
 // The pair kernels need whole pairs that never straddle a group.
@@ -312,14 +321,14 @@ inline bool pairs_fit(int64_t bits, int64_t K, int64_t group) {
   return (bits != 8 || kPairs8Bit) && nb % 2 == 0 && (bpg == 1 || bpg % 2 == 0);
 }
 
-// qz, dz and xs: the blocks of each pair in pair_order, each int32 lane's d_b and (when every group is
-// one block) its share of X_b.
+// qz, dz and xs: the blocks of each pair in pair_order, each int32 lane's d_b and (when the kernel adds
+// offsets in its loop, every group being one block) the lane's share of X_b.
 template <int BITS>
-void arrange_pairs(Activations& a) {
+void arrange_pairs(Activations& a, bool offsets) {
   constexpr auto order = pair_order<BITS>();
   const int64_t nb = a.K / kBlock, np = nb / 2;
   constexpr int per_block = kPairLanes / 2;
-  const bool block_groups = a.groups == nb;
+  const bool block_groups = kOffsetsInLoop && offsets && a.groups == nb;
   a.qz.resize(a.M * a.K), a.dz.resize(a.M * np * kPairLanes), a.xs.resize(block_groups ? a.M * np * kPairLanes : 0);
   for (int64_t m = 0; m < a.M; ++m)
     for (int64_t p = 0; p < np; ++p) {
@@ -420,9 +429,8 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      float v = _mm512_reduce_add_ps(acc[r][m]) + group_dot(O, n + r, G, a, m);
-      v -= static_cast<float>(BITS == 8 ? 128 : zero_code<BITS>()) * group_dot(S, n + r, G, a, m);
-      y[m * N + n + r] = v;
+      y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) +
+                         row_terms<BITS>(S, O, n + r, G, a, m, BITS == 8 ? 128 : zero_code<BITS>());
     }
 }
 #else
@@ -602,27 +610,26 @@ void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n
       for (int m = 0; m < M; ++m) acc[m] += g_acc[m] * s;
     }
     for (int m = 0; m < M; ++m)
-      y[m * N + n] = acc[m] + group_dot(O, n, G, a, m) -
-                     (zero_code<BITS>() ? zero_code<BITS>() * group_dot(S, n, G, a, m) : 0.f);
+      y[m * N + n] = acc[m] + row_terms<BITS>(S, O, n, G, a, m);
   }
 }
 #endif
 
 // The per-call activation layout the chosen kernel reads: block pairs, or broadcast d_b (one block per step).
-void arrange_for_kernel(int64_t bits, int64_t group, Activations& a) {
+void arrange_for_kernel(int64_t bits, int64_t group, bool offsets, Activations& a) {
 #if defined(__AVX2__)
   if (pairs_fit(bits, a.K, group)) {
     switch (bits) {
-      case 2: return arrange_pairs<2>(a);
-      case 3: return arrange_pairs<3>(a);
-      case 4: return arrange_pairs<4>(a);
-      default: return arrange_pairs<8>(a);
+      case 2: return arrange_pairs<2>(a, offsets);
+      case 3: return arrange_pairs<3>(a, offsets);
+      case 4: return arrange_pairs<4>(a, offsets);
+      default: return arrange_pairs<8>(a, offsets);
     }
   }
   a.dv.resize(a.d.size() * 8);
   for (size_t i = 0; i < a.d.size(); ++i) _mm256_storeu_ps(a.dv.data() + 8 * i, _mm256_set1_ps(a.d[i]));
 #endif
-  (void)bits, (void)group;
+  (void)bits, (void)group, (void)offsets;
 }
 
 template <int BITS>
@@ -683,7 +690,7 @@ void packed_gemv(const float* x, int64_t M, int64_t K, const PackedWeight& w, fl
   thread_local Activations reused;  // no allocation per call once warm
   Activations& a = reused;          // the workers below must read the caller's copy, not their own
   quantize_activations(x, M, K, w.group, a);
-  arrange_for_kernel(w.bits, w.group, a);
+  arrange_for_kernel(w.bits, w.group, w.offset != nullptr, a);
   const int64_t N = w.N;
   const uint8_t* W = w.packed;
   const uint16_t *S = w.scale, *O = w.offset;
