@@ -231,9 +231,8 @@ class LeanDecoder(nn.Module):
     def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
         """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal, within the block's window.
 
-        Written as two matmuls in the compute dtype per chunk of query rows (the query heads sharing a key/value head
-        stacked into one matrix): on CPU this is ~2x faster than the fused SDPA kernel for prompts,
-        and the chunks bound the score matrix to heads × 256 × context floats.
+        Per chunk of ``ATTENTION_CHUNK`` query rows over only the keys they can see, so that the score matrix
+        stays heads × chunk × context and the keys past the causal edge are never multiplied.
         """
         end, window = start + T, self.blocks[i].window
         if T == 1:  # float32, as the compiled step computes it
@@ -242,20 +241,35 @@ class LeanDecoder(nn.Module):
             return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True,
                                                   scale=self.attn_scale)
         k, v = self.k_cache[i, 0, :, :end].to(self.dtype), self.v_cache[i, 0, :, :end].to(self.dtype)
-        q = q.to(self.dtype)
-        rep, d = self.heads // self.kv_heads, self.head_dim
-        out = torch.empty_like(q)
+        q = q[0].to(self.dtype)
+        out = torch.empty(self.heads, T, self.head_dim, dtype=torch.float32)
         for r0 in range(0, T, ATTENTION_CHUNK):
             r1 = min(T, r0 + ATTENTION_CHUNK)
-            n, ctx = r1 - r0, start + r1
-            qc = q[0, :, r0:r1].reshape(self.kv_heads, rep * n, d)
-            scores = (qc @ k[:, :ctx].transpose(1, 2)).float().view(self.heads, n, ctx) * self.attn_scale
-            visible = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0)
-            if window:  # key position > query position − window
-                visible &= ~torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=start + r0 - window)
-            probs = scores.masked_fill_(~visible, float("-inf")).softmax(-1).to(q.dtype)
-            out[0, :, r0:r1] = (probs.view(self.kv_heads, rep * n, ctx) @ v[:, :ctx]).view(self.heads, n, d)
-        return out.float()
+            first = max(0, start + r0 - window + 1) if window else 0
+            ctx = start + r1
+            # key position first + j is visible from query position start + r0 + i when it is not later and,
+            # under a window, not window or more positions earlier
+            visible = torch.ones(r1 - r0, ctx - first, dtype=torch.bool).tril(diagonal=start + r0 - first)
+            if window:
+                visible &= ~torch.ones_like(visible).tril(diagonal=start + r0 - first - window)
+            out[:, r0:r1] = self._attend_chunk(q[:, r0:r1], k[:, first:ctx], v[:, first:ctx], visible)
+        return out[None]
+
+    def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ · scale, where visible) v for q [heads, n, d], k and v [kv_heads, ctx, d].
+
+        float32: torch's fused SDPA (on Zen 3, 512 prompt tokens of SmolLM2: 6.7 ms a layer against 12.8 ms
+        for two matmuls); bfloat16: two matmuls, the query heads that share a key/value head stacked into one
+        matrix (measured ~2x faster than SDPA in bf16 on Zen 4).
+        """
+        if q.dtype == torch.float32:
+            return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=visible, enable_gqa=True,
+                                                  scale=self.attn_scale)[0]
+        (heads, n, d), ctx = q.shape, k.shape[1]
+        rep = heads // self.kv_heads
+        scores = (q.reshape(self.kv_heads, rep * n, d) @ k.transpose(1, 2)).float().view(heads, n, ctx)
+        probs = (scores * self.attn_scale).masked_fill_(~visible, float("-inf")).softmax(-1).to(q.dtype)
+        return (probs.view(self.kv_heads, rep * n, ctx) @ v).view(heads, n, d).float()
 
     def _act(self, gate: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")

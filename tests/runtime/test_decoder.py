@@ -97,6 +97,37 @@ def test_the_lean_decoder_computes_gemma_3_as_transformers_does(tiny_tokenizer, 
     torch.testing.assert_close(step, ref[-1], rtol=0, atol=1e-4 * float(ref.abs().max()))
 
 
+def test_windowed_prompt_attention_in_chunks_after_a_cached_prefix_is_transformers(tiny_tokenizer, monkeypatch):
+    """Chunks of 5 query rows starting at position 7 over a window of 8: each chunk's first visible key moves."""
+    import lowbit.runtime.decoder as decoder_module
+
+    model = _gemma3(len(tiny_tokenizer), window=8)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    monkeypatch.setattr(decoder_module, "ATTENTION_CHUNK", 5)
+    decoder = LeanDecoder(model, max_len=64, dtype=torch.float32, cache_dtype=torch.float32)
+    decoder(ids[:, :7], 0)
+    out = decoder(ids[:, 7:], 7, last_only=False)[0]
+    torch.testing.assert_close(out, ref[7:], rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fused SDPA, or two matmuls
+def test_a_prompt_chunk_attends_only_to_the_keys_it_sees(quantized_model, dtype):
+    decoder = LeanDecoder(quantized_model, max_len=64, dtype=dtype)
+    heads, kv, d = decoder.heads, decoder.kv_heads, decoder.head_dim
+    q, k, v = torch.randn(heads, 6, d), torch.randn(kv, 9, d), torch.randn(kv, 9, d)
+    visible = torch.rand(6, 9) < 0.6
+    visible[:, 0] = True
+    kr, vr = (t.double().repeat_interleave(heads // kv, 0) for t in (k, v))
+    scores = (q.double() @ kr.transpose(1, 2) * decoder.attn_scale).masked_fill(~visible, float("-inf"))
+    ref = scores.softmax(-1) @ vr
+    out = decoder._attend_chunk(q.to(dtype), k.to(dtype), v.to(dtype), visible)
+    assert out.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol * float(ref.abs().max()))
+
+
 def _family_model(family: str, vocab: int):
     """Tiny models of the other supported families: Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms), Gemma 3."""
     import transformers
