@@ -14,6 +14,7 @@ import lowbit
 from lowbit.algorithms import get_method
 from lowbit.calibration.sampling import SELF_GENERATED, calibration_windows
 from lowbit.calibration.sequential import QuantizationReport, quantize_blocks
+from lowbit.compression import check_options, compress_weights, mode_args
 from lowbit.data.corpora import calibration_text, evaluation_text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
@@ -21,7 +22,7 @@ from lowbit.evaluation.perplexity import perplexity
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import decoder_blocks
-from lowbit.models.loader import load_model
+from lowbit.models.loader import load_model, resolve
 from lowbit.progress import progress_bar
 from lowbit.schemes.args import QuantizationScheme, make_scheme
 
@@ -97,20 +98,24 @@ def quantize(
     start = time.perf_counter()
     scheme = scheme or make_scheme()
     algorithm = get_method(method)
-    if algorithm.name == "ternary" and (scheme.weights.num_bits != 2 or not scheme.weights.symmetric):
-        raise LowbitError("ternary weights are stored as symmetric 2-bit codes: pass --bits 2 (without --asym)")
+    problem = algorithm.unsuitable(scheme.weights)
+    if problem:
+        raise LowbitError(problem)
     if scheme.weights.actorder and not algorithm.uses_actorder:
         scheme = replace(scheme, weights=replace(scheme.weights, actorder=None))
-    if output_dir is not None:
-        check_output_dir(Path(output_dir), overwrite)
-    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
-    decoder_blocks(hf_model)
-    calibration = None
-    calib_record = None
+    if batch_size < 1:
+        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
+    text = None
     if algorithm.needs_calibration:
         if not calib:
             raise LowbitError(f"method {algorithm.name} needs calibration text: pass --calib")
         text = calibration_text(calib)
+    _check_inputs(model, output_dir, overwrite)
+    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
+    decoder_blocks(hf_model)
+    calibration = None
+    calib_record = None
+    if text is not None:
         calibration = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
         calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     with progress_bar(f"{algorithm.name} {scheme.describe()}", progress) as step:
@@ -118,7 +123,7 @@ def quantize(
             hf_model, scheme, algorithm, calibration, batch_size, tuple(ignore), include_lm_head, on_block=step
         )
     quant_time = time.perf_counter() - start
-    fallbacks = sorted({f"{r.name.rsplit('.', 1)[-1]}: {r.fallback}" for r in report.fallbacks})
+    fallbacks = fallback_notices(report.fallbacks)
     record = {
         "lowbit_version": lowbit.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -136,6 +141,18 @@ def quantize(
     result.method, result.scheme, result.layers = algorithm.name, scheme.describe(), len(report.layers)
     result.fallbacks, result.notes = fallbacks, consumer_notes(scheme)
     return (result, hf_model, tokenizer) if return_model else result
+
+
+def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
+    """What can be refused before a model is loaded: an already-quantized source, an unwritable output."""
+    source = resolve(model)
+    if source.quantized:
+        raise LowbitError(
+            f"{model} is already a quantized checkpoint; quantize the full-precision model it was made from"
+            f" (its lowbit_recipe.json names it, as source_model)"
+        )
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), overwrite)
 
 
 def _save(hf_model, tokenizer, output_dir, overwrite: bool, record: dict, start: float) -> QuantizeResult:
@@ -182,16 +199,13 @@ def compress(
 
     ``dataset`` (a text name such as "shakespeare") makes the sensitivity data-aware.
     """
-    from lowbit.compression import check_options, compress_weights, mode_args
-
     start = time.perf_counter()
     check_options(mode, group_size or None, ratio, method, sensitivity_metric, bool(dataset))
-    if output_dir is not None:
-        check_output_dir(Path(output_dir), overwrite)
+    text = calibration_text(dataset) if dataset else None
+    _check_inputs(model, output_dir, overwrite)
     hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
     windows, calib_record = None, None
-    if dataset:
-        text = calibration_text(dataset)
+    if text is not None:
         windows = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
         calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     with progress_bar(f"compress {mode} ratio {ratio}", progress) as step:
@@ -214,15 +228,21 @@ def compress(
         "calibration": calib_record,
         "ignored": list(ignore),
         "layers": [asdict(layer) for layer in report.layers],
+        "group_size_fallbacks": fallback_notices(report.fallbacks),
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
     result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
-    result.method, result.layers = method, len(report.layers)
+    result.method, result.layers, result.fallbacks = method, len(report.layers), fallback_notices(report.fallbacks)
     result.scheme = f"{mode} g{group_size} ratio {ratio}" if group_size else f"{mode} per-channel ratio {ratio}"
     result.distribution = report.distribution()
     primary = mode_args(mode, group_size or None)
     result.notes = consumer_notes(make_scheme(primary.num_bits, group_size, primary.symmetric, grid=primary.type))
     return (result, hf_model, tokenizer) if return_model else result
+
+
+def fallback_notices(layers) -> list[str]:
+    """One line per kind of layer (q_proj, …) whose group size fell back, with what it got."""
+    return sorted({f"{layer.name.rsplit('.', 1)[-1]}: {layer.fallback}" for layer in layers})
 
 
 def consumer_notes(scheme: QuantizationScheme) -> list[str]:
@@ -239,6 +259,17 @@ def consumer_notes(scheme: QuantizationScheme) -> list[str]:
     return []
 
 
+def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int):
+    """Refuse bad evaluation options before any model is loaded; the held-out text (None without ``ppl``)."""
+    if dtype not in DTYPES:
+        raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if seqlen < 2:
+        raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
+    if batch_size < 1:
+        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
+    return evaluation_text(ppl) if ppl else None
+
+
 def evaluate(
     model: str,
     ppl: Optional[str] = "austen",
@@ -251,17 +282,13 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity on the held-out part of ``ppl`` plus size, bits/weight, peak memory and time."""
-    if dtype not in DTYPES:
-        raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    if seqlen < 2:
-        raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
+    text = check_eval_inputs(ppl, seqlen, dtype, batch_size)
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
     path = source.path
     result = None
-    if ppl:
-        text = evaluation_text(ppl)
+    if text is not None:
         with progress_bar(f"perplexity {text.corpus}", progress) as step:
             result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step)
     return EvalResult(

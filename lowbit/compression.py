@@ -17,15 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit.algorithms import get_method
+from lowbit.algorithms import data_free_methods, get_method
 from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS, LayerSensitivity, choose_primary, sensitivity
 from lowbit.calibration.sampling import self_generated_windows
 from lowbit.calibration.sequential import target_linears
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of, decoder_blocks
-from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
+from lowbit.models.loader import check_finite
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.args import QuantizationArgs
-from lowbit.schemes.grid import resolve_group_size
+from lowbit.schemes.grid import group_size_fallback, resolve_group_size
 
 # mode → (bits, symmetric, grid type); 8-bit modes are per-channel, as in NNCF.
 MODES = {
@@ -35,11 +36,11 @@ MODES = {
     "fp4": (4, True, "float"),
     "int3_sym": (3, True, "int"),
     "int3_asym": (3, False, "int"),
+    "int2_sym": (2, True, "int"),
     "int2_asym": (2, False, "int"),
     "int8_sym": (8, True, "int"),
     "int8_asym": (8, False, "int"),
 }
-DATA_FREE_METHODS = ("rtn", "hqq")
 BACKUP = QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None, observer="minmax")
 
 
@@ -51,6 +52,7 @@ class CompressedLayer:
     bits: int
     sensitivity: Optional[float] = None
     ranked: bool = True  # counts towards ``ratio`` (embeddings and lm_head do only with all_layers)
+    fallback: Optional[str] = None  # why the layer's group size is not the requested one
 
 
 @dataclass
@@ -60,6 +62,10 @@ class CompressionReport:
     method: str
     sensitivity_metric: Optional[str]
     layers: list[CompressedLayer] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[CompressedLayer]:
+        return [layer for layer in self.layers if layer.fallback]
 
     def distribution(self) -> list[dict]:
         """Share of parameters and of layers at each bit-width (the table NNCF prints): over all
@@ -86,8 +92,6 @@ def mode_args(mode: str, group_size: Optional[int], observer: str = "mse") -> Qu
     bits, symmetric, grid = MODES[mode]
     if bits == 8:
         group_size = None
-    if group_size is not None and group_size < 1:
-        raise LowbitError(f"group size must be a positive integer, got {group_size}")
     return QuantizationArgs(
         num_bits=bits, type=grid, symmetric=symmetric, strategy="group" if group_size else "channel",
         group_size=group_size, observer=observer,
@@ -98,11 +102,14 @@ def check_options(
     mode: str, group_size: Optional[int], ratio: float, method: str, metric: Optional[str], has_dataset: bool
 ) -> str:
     """Refuse bad options before any work; returns the sensitivity metric that will be used."""
-    mode_args(mode, group_size)
+    args = mode_args(mode, group_size)
     if not 0.0 <= ratio <= 1.0:
         raise LowbitError(f"ratio must be between 0 and 1, got {ratio}")
-    if method not in DATA_FREE_METHODS:
-        raise LowbitError(f"compress takes a data-free method ({', '.join(DATA_FREE_METHODS)}); got {method!r}")
+    if method not in data_free_methods():
+        raise LowbitError(f"compress takes a data-free method ({', '.join(data_free_methods())}); got {method!r}")
+    problem = get_method(method).unsuitable(args)
+    if problem:
+        raise LowbitError(problem)
     metric = metric or ("fisher" if has_dataset else "weight_error")
     if metric not in SENSITIVITY_METRICS:
         raise LowbitError(f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}")
@@ -182,11 +189,6 @@ def empirical_fisher(model: nn.Module, names: list[str], windows: torch.Tensor) 
     return fisher
 
 
-def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 @torch.no_grad()
 def compress_weights(
     model: nn.Module,
@@ -223,13 +225,14 @@ def compress_weights(
 
     total = len(ranked) + len(fixed)
     done = 0
-    primary_results, sensitivities = {}, []
+    primary_results, sensitivities, fallbacks = {}, [], {}
     for name, linear in ranked.items():
         W = linear.weight.data
-        if not torch.isfinite(W).all():
-            raise LowbitError(f"layer {name} has NaN/Inf weights; the checkpoint is damaged, refusing to quantize")
-        qw, _ = algorithm.quantize(W, None, resolve_group_size(primary, W.shape[1]))
+        check_finite(f"layer {name}", W)
+        fitted = resolve_group_size(primary, W.shape[1])
+        qw, _ = algorithm.quantize(W, None, fitted)
         primary_results[name] = qw
+        fallbacks[name] = group_size_fallback(primary, fitted, W.shape[1])
         if ratio < 1.0:
             act = None if stats is None else stats.get(name)
             fisher_diag = None if fisher is None else fisher.pop(name)
@@ -243,16 +246,16 @@ def compress_weights(
         if name in chosen:
             qw = primary_results[name]
         else:
-            qw, _ = algorithm.quantize(linear.weight.data, None, BACKUP)
+            qw, _ = (get_method("rtn") if algorithm.own_grid else algorithm).quantize(linear.weight.data, None, BACKUP)
         if isinstance(linear, nn.Embedding):
-            _swap(model, name, QuantEmbedding.from_quantized(qw, getattr(linear, "embed_scale", None)))
+            replace_module(model, name, QuantEmbedding.from_quantized(qw, getattr(linear, "embed_scale", None)))
             if tied_head is not None:  # the output projection reads the same quantized table
-                _swap(model, tied_head, QuantLinear.from_quantized(qw))
+                replace_module(model, tied_head, QuantLinear.from_quantized(qw))
         else:
-            _swap(model, name, QuantLinear.from_quantized(qw, linear.bias))
+            replace_module(model, name, QuantLinear.from_quantized(qw, linear.bias))
         report.layers.append(
             CompressedLayer(name, linear.weight.numel(), qw.args.describe(), qw.args.num_bits, scores.get(name),
-                            name in ranked)
+                            name in ranked, fallbacks.get(name) if name in chosen else None)
         )
         done += 1
         if on_layer:

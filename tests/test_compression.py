@@ -4,7 +4,7 @@ import torch
 from lowbit.compression import compress_weights
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import load_quantized, save_quantized
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.quantized.modules import QuantLinear
 
 from .conftest import make_model
 
@@ -44,10 +44,16 @@ def test_the_layers_kept_in_int8_are_the_most_sensitive(model):
 @pytest.mark.parametrize("metric", [None, "hessian_input_activation"])
 def test_data_aware_sensitivity_uses_the_data(model, tiny_tokenizer, metric):
     windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
+    other = torch.randint(0, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
     report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows, sensitivity_metric=metric)
     assert report.sensitivity_metric == (metric or "fisher")
-    assert all(layer.sensitivity is not None and layer.sensitivity >= 0 for layer in report.layers if layer.ranked)
     assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+    fresh = make_model(len(tiny_tokenizer), hidden=128, intermediate=256, layers=2)
+    again = compress_weights(fresh, "int4_asym", group_size=64, ratio=0.7, dataset=other, sensitivity_metric=metric)
+    first = [layer.sensitivity for layer in report.layers if layer.ranked]
+    second = [layer.sensitivity for layer in again.layers if layer.ranked]
+    assert first and all(s is not None and s >= 0 for s in first + second)
+    assert first != pytest.approx(second, rel=1e-3)  # other text, other sensitivities: the data is read
 
 
 def test_fisher_without_data_ranks_on_text_the_model_samples_itself(model):
@@ -101,7 +107,7 @@ def test_unknown_mode_is_refused(model):
 
 @pytest.mark.parametrize("all_layers", [False, True])
 def test_embeddings_and_the_tied_head_share_one_quantized_table(model, tiny_tokenizer, tmp_path, all_layers):
-    from lowbit.runtime.qlinear import QuantEmbedding
+    from lowbit.quantized.modules import QuantEmbedding
 
     compress_weights(model, "int4_sym", group_size=32, ratio=1.0, all_layers=all_layers)
     embed, head = model.model.embed_tokens, model.lm_head

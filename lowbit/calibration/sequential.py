@@ -18,9 +18,10 @@ from lowbit.algorithms import Method
 from lowbit.algorithms.gptq import HessianAccumulator
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of, decoder_blocks
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.models.loader import check_finite
+from lowbit.quantized.modules import QuantLinear, replace_module
 from lowbit.schemes.args import QuantizationScheme
-from lowbit.schemes.grid import resolve_group_size
+from lowbit.schemes.grid import group_size_fallback, resolve_group_size
 
 
 @dataclass
@@ -52,12 +53,6 @@ def target_linears(block: nn.Module, prefix: str, ignore: tuple) -> dict[str, nn
     }
 
 
-def _check_finite(name: str, w: torch.Tensor) -> None:
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        raise LowbitError(f"layer {name} has {bad} NaN/Inf weights; the checkpoint is damaged, refusing to quantize")
-
-
 def _quantize_linears(
     model: nn.Module,
     linears: dict[str, nn.Linear],
@@ -69,14 +64,11 @@ def _quantize_linears(
     """Quantize each Linear (by its full name in ``model``) and swap in a :class:`QuantLinear`."""
     for name, linear in linears.items():
         W = linear.weight.data
-        _check_finite(name, W)
+        check_finite(f"layer {name}", W)
         args = resolve_group_size(scheme.weights, linear.in_features)
-        fallback = None
-        if args != scheme.weights:
-            fallback = f"group size {scheme.weights.group_size} does not divide {linear.in_features}: {args.describe()}"
+        fallback = group_size_fallback(scheme.weights, args, linear.in_features)
         qw, loss = method.quantize(W, hessians.get(name), args)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear.from_quantized(qw, linear.bias))
+        replace_module(model, name, QuantLinear.from_quantized(qw, linear.bias))
         report.layers.append(LayerReport(name, tuple(W.shape), args.describe(), loss, fallback))
 
 

@@ -12,6 +12,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from lowbit import __version__
+from lowbit.algorithms import methods_help
+from lowbit.compression import MODES
 from lowbit.errors import LowbitError
 
 app = typer.Typer(
@@ -52,7 +54,7 @@ def _quiet_transformers() -> None:
 def quantize(
     model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
     output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
-    method: str = typer.Option("gptq", help="rtn or hqq (no data), gptq (calibrated)"),
+    method: str = typer.Option("gptq", help=methods_help()),
     bits: int = typer.Option(4, help="weight bits: 2, 3, 4 or 8"),
     group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
@@ -105,10 +107,10 @@ def quantize(
 def compress(
     model: str = typer.Argument(..., help="model to compress: folder, .gguf file, hub id, or smollm2-135m"),
     output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
-    mode: str = typer.Option("int4_sym", help="grid: int4_sym, int4_asym, nf4, fp4, int3_sym/asym, int2_asym, int8_sym/asym"),
+    mode: str = typer.Option("int4_sym", help="grid: " + ", ".join(MODES)),
     group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
     ratio: float = typer.Option(1.0, help="share of the parameters in MODE; the most sensitive rest stays int8"),
-    method: str = typer.Option("rtn", help="data-free rounding: rtn or hqq"),
+    method: str = typer.Option("rtn", help=methods_help(data_free=True)),
     sensitivity: Optional[str] = typer.Option(
         None, help="weight_error (no data, default), fisher (default with --dataset) or hessian_input_activation"
     ),
@@ -138,13 +140,11 @@ def compress(
         print_table(distribution_table(result))
 
 
-def _eval_in_subprocess(model: str, argv: list[str]) -> dict:
-    """Evaluate one model in its own process so that its peak memory is its own."""
+def _eval_in_subprocess(model: str, argv: list[str]) -> tuple[int, Optional[dict]]:
+    """Evaluate one model in its own process so that its peak memory is its own: (exit status, result)."""
     cmd = [sys.executable, "-m", "lowbit.cli.main", "eval", model, *argv, "--json"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise typer.Exit(done.returncode)
-    return json.loads(done.stdout)[0]
+    return done.returncode, json.loads(done.stdout)[0] if done.returncode == 0 else None
 
 
 @app.command("eval")
@@ -164,22 +164,30 @@ def evaluate(
     from lowbit.cli.report import emit_json, eval_table, print_table
 
     _quiet_transformers()
+    failed = 0
     if len(models) > 1:
+        api.check_eval_inputs(ppl, seqlen, dtype, batch_size)
         argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
         argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
         argv += ["--allow-pickle"] if allow_pickle else []
         argv += ["--trust-remote-code"] if trust_remote_code else []
-        results = [_eval_in_subprocess(m, argv) for m in models]
+        results = []
+        for m in models:  # a model that fails has said why on stderr; the others' results are still shown
+            status, result = _eval_in_subprocess(m, argv)
+            failed = failed or status
+            results += [result] if result else []
     else:
         results = [
             api.evaluate(
                 models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code
             ).to_dict()
         ]
-    if as_json:
+    if results and as_json:
         emit_json(results)
-    else:
+    elif results:
         print_table(eval_table(results))
+    if failed:
+        raise typer.Exit(failed)
 
 
 def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code):

@@ -12,6 +12,13 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_dir(*parts: str) -> Path:
     """``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``) joined with ``parts``."""
     root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
@@ -64,9 +71,7 @@ def publish_dir(build: Path, final: Path) -> Path:
 
 def staging_dir(final: Path) -> Path:
     """A fresh folder next to ``final`` with ordinary permissions, to be published with :func:`publish_dir`."""
-    from lowbit.formats.checkpoint import _umask
-
     final.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    os.chmod(path, 0o777 & ~_umask())
+    os.chmod(path, 0o777 & ~umask())
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import torch.nn as nn
 
-from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear
 
 
 def folder_size(path: Path) -> int:

@@ -67,6 +67,11 @@ def perplexity(
         logits = model(input_ids=batch, use_cache=False).logits.float()
         targets = batch[:, 1:]
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        if not math.isfinite(float(loss)):
+            raise LowbitError(
+                f"the model's loss on window {i * batch_size + 1}–{i * batch_size + len(batch)} of {text.corpus} is"
+                " not finite (NaN/Inf logits): the model computes garbage, no perplexity to report"
+            )
         nll += float(loss)
         count += targets.numel()
         if on_batch:

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 
 from lowbit.evaluation.footprint import folder_size, peak_rss_bytes
-from lowbit.runtime.cpu import describe as describe_cpu
 
 
 @dataclass
@@ -93,7 +92,7 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
         prefill_tok_s_max=max(prefill),
         decode_tok_s_median=statistics.median(decode),
         decode_tok_s_max=max(decode),
-        cpu=describe_cpu(),
+        cpu=llm.cpu(),
         kernels=llm.kernels(),
         notices=list(llm.notices),
     )

@@ -5,25 +5,53 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from lowbit.data.assets import umask
 from lowbit.errors import LowbitError
 
 
 def check_output_dir(final: Path, overwrite: bool) -> None:
-    """Fail early (before any work) if ``final`` exists and may not be replaced."""
+    """Fail early (before any work) if ``final`` exists and may not be replaced, or cannot be written.
+
+    The nearest existing folder on the way to ``final`` must be a folder that takes a new entry (tried, not
+    guessed from permission bits: read-only file systems and root both make those lie).
+    """
     if final.exists() and not overwrite:
         raise LowbitError(f"output folder {final} already exists; pass --overwrite to replace it")
     if final.exists() and not final.is_dir():
         raise LowbitError(f"output path {final} exists and is not a folder")
+    ancestor = final.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LowbitError(f"cannot write {final}: {ancestor} is a file, not a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise LowbitError(f"cannot write {final}: {ancestor} is not writable ({exc.strerror or exc})") from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@contextmanager
+def _terminate_as_exception():
+    """Within the block, SIGTERM raises SystemExit, so that the staging folder is removed (by default it
+    ends the process on the spot and leaves a hidden half-written folder behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -38,9 +66,13 @@ def atomic_output_dir(final: Path, overwrite: bool = False):
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
+    os.chmod(staging, 0o777 & ~umask())  # mkdtemp makes it private; the result should not be
     try:
-        yield staging
+        with _terminate_as_exception():
+            yield staging
+        for file in staging.rglob("*"):  # some writers (safetensors) create their files 0600
+            if file.is_file():
+                os.chmod(file, 0o666 & ~umask())
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if exc.errno == errno.ENOSPC:

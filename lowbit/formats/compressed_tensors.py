@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import pack_int32, unpack_int32
-from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 
 QUANTIZED = (QuantLinear, QuantEmbedding)
 from lowbit.schemes.args import QuantizationArgs
@@ -208,11 +208,6 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     """A model whose quantized Linears are :class:`QuantLinear` (dequantize on the fly), and its tokenizer."""
     from accelerate import init_empty_weights
@@ -256,7 +251,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
             state[f"{name}.weight_zero_point"] = zp if args.num_bits == 8 or args.zp_dtype else unpack_int32(
                 zp, args.num_bits, state[f"{name}.weight_scale"].shape, dim=0
             )
-        _set_module(model, name, layer)
+        replace_module(model, name, layer)
     state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
@@ -282,7 +277,7 @@ def _tie_output_projection(model: nn.Module) -> None:
         if getattr(model.config, "tie_word_embeddings", False):
             head = model.get_output_embeddings()
             name = next(n for n, m in model.named_modules() if m is head)
-            _set_module(model, name, QuantLinear.from_quantized(embedding.quantized_weight()))
+            replace_module(model, name, QuantLinear.from_quantized(embedding.quantized_weight()))
     else:
         model.tie_weights()
 

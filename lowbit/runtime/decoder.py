@@ -8,7 +8,8 @@ One step computes, for each block,
     h = h + Attn(q, K_cache, V_cache, mask: p − window < position ≤ p) W_oᵀ
     x = RMSNorm(h);  h = h + (act(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ
 
-Family differences are data (:data:`FAMILIES`): per-head q/k norms, Gemma's (1 + w) norms, its norms after
+Family differences are data, the family's record in :mod:`lowbit.models.architectures` (block layout,
+norm offset, embedding scale, activation): per-head q/k norms, Gemma's (1 + w) norms, its norms after
 attention and MLP (the block output is normalised before the residual add), its embedding scale √D and
 GELU-tanh; per-layer sliding windows and RoPE tables come from the config. Other families use
 transformers' own forward.
@@ -20,36 +21,21 @@ prompts run the PyTorch code below, which computes the same steps in the same pr
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.errors import LowbitError
+from lowbit.models.architectures import ARCHITECTURES, Architecture, architecture_of
 from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, kernels_by_kind, unavailable_reason
 from lowbit.runtime.native import native_module
-from lowbit.runtime.qlinear import QuantEmbedding, QuantLinear
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear
 from lowbit.schemes.grid import QuantizedWeight
 
 
-@dataclass(frozen=True)
-class Family:
-    """What distinguishes a Llama-style family in the decoder."""
-
-    qk_norm: bool = False
-    norm_plus_one: bool = False  # RMSNorm scales by (1 + w)
-    sandwich_norms: bool = False  # post_attention_layernorm after attention, pre/post_feedforward_layernorm around the MLP
-    embed_scale: bool = False  # embeddings multiplied by √hidden_size
-    activation: str = "silu"  # or "gelu_tanh"
-
-
-FAMILIES = {
-    "llama": Family(), "mistral": Family(), "qwen2": Family(), "qwen3": Family(qk_norm=True),
-    "gemma3_text": Family(qk_norm=True, norm_plus_one=True, sandwich_norms=True, embed_scale=True,
-                          activation="gelu_tanh"),
-}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the codes DecodeStep takes
 
 ATTENTION_CHUNK = 256
@@ -89,34 +75,30 @@ def _tied(head: nn.Module, table: nn.Module) -> bool:
     return getattr(head, "weight", None) is table.weight
 
 
-def _norm_weight(norm: nn.Module, family: Family) -> torch.Tensor:
+def _norm_weight(norm: nn.Module, arch: Architecture) -> torch.Tensor:
     """The RMSNorm's multiplier as float32 (Gemma's 1 + w folded in)."""
-    w = norm.weight.detach().float()
-    return 1.0 + w if family.norm_plus_one else w
+    return arch.norm_offset + norm.weight.detach().float()
 
 
 class _Block(nn.Module):
-    def __init__(self, layer: nn.Module, family: Family, quantize, dtype, window: int, rope: int):
+    def __init__(self, layer: nn.Module, arch: Architecture, quantize, dtype, window: int, rope: int):
         super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], quantize, dtype)
-        self.o = _fused([attn.o_proj], quantize, dtype)
-        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], quantize, dtype)
-        self.down = _fused([mlp.down_proj], quantize, dtype)
+        at, lay = layer.get_submodule, arch.lean
+
+        def norm(path: Optional[str]) -> Optional[torch.Tensor]:
+            return None if path is None else _norm_weight(at(path), arch)
+
+        self.qkv = _fused([at(lay.q), at(lay.k), at(lay.v)], quantize, dtype)
+        self.o = _fused([at(lay.o)], quantize, dtype)
+        self.gate_up = _fused([at(lay.gate), at(lay.up)], quantize, dtype)
+        self.down = _fused([at(lay.down)], quantize, dtype)
         self.window, self.rope = window, rope  # window 0: every earlier position
-        self.norm_attn = _norm_weight(layer.input_layernorm, family)
-        if family.sandwich_norms:
-            self.post_attn = _norm_weight(layer.post_attention_layernorm, family)
-            self.norm_mlp = _norm_weight(layer.pre_feedforward_layernorm, family)
-            self.post_mlp = _norm_weight(layer.post_feedforward_layernorm, family)
-        else:
-            self.post_attn = self.post_mlp = None
-            self.norm_mlp = _norm_weight(layer.post_attention_layernorm, family)
-        self.q_norm = _norm_weight(attn.q_norm, family) if family.qk_norm else None
-        self.k_norm = _norm_weight(attn.k_norm, family) if family.qk_norm else None
-        self.q_size = attn.q_proj.out_features
-        self.kv_size = attn.k_proj.out_features
-        self.intermediate = mlp.gate_proj.out_features
+        self.norm_attn, self.norm_mlp = norm(lay.attn_norm), norm(lay.mlp_norm)
+        self.post_attn, self.post_mlp = norm(lay.post_attn_norm), norm(lay.post_mlp_norm)
+        self.q_norm, self.k_norm = norm(lay.q_norm), norm(lay.k_norm)
+        self.q_size = at(lay.q).out_features
+        self.kv_size = at(lay.k).out_features
+        self.intermediate = at(lay.gate).out_features
 
 
 class LeanDecoder(nn.Module):
@@ -136,7 +118,9 @@ class LeanDecoder(nn.Module):
         llama.cpp's f16 cache), widened to float32 as it is read."""
         super().__init__()
         config = hf_model.config
-        family = FAMILIES[config.model_type]
+        arch = architecture_of(hf_model)
+        if arch.lean is None:
+            raise LowbitError(f"the lean decoder does not take {config.model_type}; use HFDecoder")
         dtype = dtype or compute_dtype()
         self.dtype, self.max_len = dtype, max_len
         self.heads = config.num_attention_heads
@@ -144,21 +128,22 @@ class LeanDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.attn_scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
-        self.embed_scale = config.hidden_size**0.5 if family.embed_scale else 1.0
-        self.activation = family.activation
-        inner = hf_model.model
-        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(inner.layers))
+        self.embed_scale = config.hidden_size**0.5 if arch.embed_scale else 1.0
+        self.activation = arch.activation
+        layers = hf_model.get_submodule(arch.blocks)
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
         kinds = sorted(set(layer_types))  # one RoPE table per attention kind (Gemma 3: local and global bases)
         window = getattr(config, "sliding_window", None) or 0
         self.blocks = nn.ModuleList(
-            _Block(layer, family, quantize, dtype, window if kind == "sliding_attention" else 0, kinds.index(kind))
-            for layer, kind in zip(inner.layers, layer_types)
+            _Block(layer, arch, quantize, dtype, window if kind == "sliding_attention" else 0, kinds.index(kind))
+            for layer, kind in zip(layers, layer_types)
         )
-        self.norm = _norm_weight(inner.norm, family)
-        self.lm_head = _fused([hf_model.lm_head], quantize_head, dtype)
-        table = inner.embed_tokens
+        self.norm = _norm_weight(hf_model.get_submodule(arch.final_norm), arch)
+        head = hf_model.get_submodule(arch.lm_head)
+        self.lm_head = _fused([head], quantize_head, dtype)
+        table = hf_model.get_submodule(arch.embed)
         # A tied packed head doubles as the embedding table (rows dequantized when looked up): one copy, not two.
-        self.shared_embedding = _tied(hf_model.lm_head, table) and isinstance(self.lm_head, PackedLinear)
+        self.shared_embedding = _tied(head, table) and isinstance(self.lm_head, PackedLinear)
         quantized_table = isinstance(table, QuantEmbedding) and not self.shared_embedding
         self.quantized_embed = table if quantized_table else None  # rows dequantized when looked up
         plain = not self.shared_embedding and not quantized_table
@@ -166,8 +151,9 @@ class LeanDecoder(nn.Module):
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
-        per_kind = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
-        tables = [inner.rotary_emb(probe, positions, *([kind] if per_kind else [])) for kind in kinds]
+        rotary = hf_model.get_submodule(arch.rotary)
+        per_kind = "layer_type" in inspect.signature(rotary.forward).parameters
+        tables = [rotary(probe, positions, *([kind] if per_kind else [])) for kind in kinds]
         self.register_buffer("cos", torch.stack([cos[0].float() for cos, _ in tables]))  # [kinds, max_len, d]
         self.register_buffer("sin", torch.stack([sin[0].float() for _, sin in tables]))
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
@@ -211,7 +197,8 @@ class LeanDecoder(nn.Module):
 
     @staticmethod
     def supports(hf_model: nn.Module) -> bool:
-        return getattr(hf_model.config, "model_type", None) in FAMILIES
+        arch = ARCHITECTURES.get(getattr(hf_model.config, "model_type", None))
+        return arch is not None and arch.lean is not None
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quantized_embed is not None:

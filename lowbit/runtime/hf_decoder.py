@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from lowbit.models.architectures import decoder_blocks
+from lowbit.quantized.modules import QuantLinear, replace_module
 from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kernels import FastLinear, fast_linear, kernels_by_kind
-from lowbit.runtime.qlinear import QuantLinear
 
 
 class HFDecoder(nn.Module):
@@ -30,8 +30,7 @@ class HFDecoder(nn.Module):
         for name, module in list(blocks.named_modules()):
             replacement = self._fast(module, quantize, dtype)
             if replacement is not None:
-                parent, _, child = name.rpartition(".")
-                setattr(blocks.get_submodule(parent) if parent else blocks, child, replacement)
+                replace_module(blocks, name, replacement)
         self.cache = None
 
     @staticmethod

@@ -10,7 +10,9 @@ from typing import Iterator, Optional, Union
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.cpu import forced_isa, selected_isa
+from lowbit.evaluation.footprint import current_rss_bytes
+from lowbit.models.loader import import_model_code, load_model
+from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import fallback_notice
@@ -51,8 +53,6 @@ class LLM:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ):
-        from lowbit.models.loader import import_model_code, load_model
-
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
         if lm_head not in ("int8", "dense", "bf16"):
@@ -60,8 +60,6 @@ class LLM:
         forced_isa()  # an unknown LOWBIT_ISA is refused before the model loads
         if threads:
             torch.set_num_threads(threads)
-        from lowbit.evaluation.footprint import current_rss_bytes
-
         start = time.perf_counter()
         import_model_code(model)
         self.rss_before_load_bytes = current_rss_bytes()
@@ -98,6 +96,10 @@ class LLM:
             lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
                          " runs the PyTorch loop, several times slower")
         return [line for line in lines if line]
+
+    def cpu(self) -> dict:
+        """What was detected about this CPU and chosen from it (``lowbit env``)."""
+        return describe()
 
     def kernels(self) -> dict[str, str]:
         """What this CPU was found to compute and which kernel each kind of layer runs."""

@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRID_TYPES = ("int", "float", "nf")  # "float" with 4 bits = FP4 E2M1; "nf" = NF4 (lowbit extension)
 STRATEGIES = ("channel", "group")
+MIN_GROUP_SIZE = 8  # the smallest group the per-layer fallback rule (grid.resolve_group_size) steps down to
 ACTORDERS = (None, "weight")
 OBSERVERS = ("minmax", "mse")
 FLOAT_ZP_DTYPES = ("float32", "bfloat16", "float16")
@@ -51,8 +52,11 @@ class QuantizationArgs:
         if self.strategy not in STRATEGIES:
             raise LowbitError(f"strategy {self.strategy!r} is not supported; choose 'channel' or 'group'")
         if self.strategy == "group":
-            if self.group_size is None or int(self.group_size) < 1:
-                raise LowbitError(f"group size must be a positive integer, got {self.group_size!r}")
+            if self.group_size is None or int(self.group_size) < MIN_GROUP_SIZE:
+                raise LowbitError(
+                    f"group size must be an integer of at least {MIN_GROUP_SIZE} (or 0 for per-channel),"
+                    f" got {self.group_size!r}"
+                )
         elif self.group_size is not None:
             object.__setattr__(self, "group_size", None)
         if self.zp_dtype is not None and (self.symmetric or self.zp_dtype not in FLOAT_ZP_DTYPES):

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.args import MIN_GROUP_SIZE, QuantizationArgs
 from lowbit.schemes.codebooks import decode, levels, max_level, nearest_code
 
 
@@ -156,8 +156,15 @@ def resolve_group_size(args: QuantizationArgs, in_features: int) -> Quantization
     if args.strategy == "channel" or in_features % args.group_size == 0:
         return args
     g = 1 << (int(args.group_size).bit_length() - 1)
-    while g >= 8:
+    while g >= MIN_GROUP_SIZE:
         if in_features % g == 0 and g < args.group_size:
             return args.with_group_size(g)
         g //= 2
     return args.with_group_size(None)
+
+
+def group_size_fallback(requested: QuantizationArgs, fitted: QuantizationArgs, in_features: int) -> Optional[str]:
+    """The notice for a layer whose fitted arguments differ from the requested ones (None: they do not)."""
+    if fitted == requested:
+        return None
+    return f"group size {requested.group_size} does not divide {in_features}: {fitted.describe()}"

@@ -5,7 +5,7 @@ from lowbit import api
 from lowbit.algorithms import get_method
 from lowbit.calibration.sequential import quantize_blocks
 from lowbit.errors import LowbitError
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.quantized.modules import QuantLinear
 from lowbit.schemes import make_scheme
 
 from ..conftest import make_model

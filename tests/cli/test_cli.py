@@ -5,6 +5,9 @@ import shutil
 import subprocess
 
 import pytest
+import safetensors.torch as safetensors_torch
+
+import lowbit
 
 LOWBIT = shutil.which("lowbit")
 pytestmark = pytest.mark.skipif(LOWBIT is None, reason="the lowbit command is not installed")
@@ -38,7 +41,10 @@ def test_quantize_then_eval_a_tiny_model(tiny_model_dir, tmp_path, text_file):
     assert done.returncode == 0, done.stderr
     quantized, full = json.loads(done.stdout)
     assert quantized["quantized"] and not full["quantized"]
-    assert quantized["perplexity"] > 1 and full["perplexity"] > 1
+    for row, model in ((quantized, out), (full, tiny_model_dir)):  # what the CLI prints is what was computed
+        reference = lowbit.evaluate(str(model), ppl=str(text_file), seqlen=32, progress=False)
+        assert row["perplexity"] == pytest.approx(reference.perplexity, rel=1e-5)
+    assert quantized["perplexity"] != full["perplexity"]
     assert quantized["size_bytes"] < full["size_bytes"]
 
 
@@ -99,8 +105,11 @@ def test_bench_reports_speeds_as_json(tiny_model_dir):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["prefill_tok_s_median"] > 0 and result["decode_tok_s_median"] > 0
-    assert result["decode_tok_s_max"] >= result["decode_tok_s_median"] and result["threads"] >= 1
-    assert result["kv_cache_bytes"] > 0 and result["resident_weights_bytes"] > 0
+    assert (result["prompt_tokens"], result["decode_tokens"], result["repeats"]) == (32, 8, 2)
+    # the cache the tiny Llama needs (2 layers, K and V, 2 KV heads of 24, 256 positions) in bfloat16
+    assert result["kv_cache_bytes"] == 2 * 2 * 2 * 24 * 256 * 2
+    fp32_bytes = sum(t.numel() * 4 for t in safetensors_torch.load_file(tiny_model_dir / "model.safetensors").values())
+    assert result["resident_weights_bytes"] < fp32_bytes / 3  # int4 body, int8 tied head
 
 
 def test_serve_refuses_unknown_quantization(tiny_model_dir):
@@ -140,3 +149,56 @@ def test_ternary_with_the_wrong_bit_width_fails_cleanly(tiny_model_dir, tmp_path
     out = tmp_path / "never"
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", out, "--method", "ternary", "--bits", "4"), "--bits 2")
     assert not out.exists()
+
+
+def test_an_output_under_a_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "notes.txt" / "q", "--method", "rtn"),
+                         "is a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_already_quantized_checkpoint_is_not_quantized_again(tiny_model_dir, tmp_path):
+    done = run("quantize", tiny_model_dir, "-o", tmp_path / "q", "--method", "rtn", "--group-size", "32")
+    assert done.returncode == 0, done.stderr
+    for job in ("quantize", "compress"):
+        out = tmp_path / f"again-{job}"
+        assert_clean_failure(run(job, tmp_path / "q", "-o", out), "already a quantized checkpoint")
+        assert not out.exists()
+
+
+def test_a_group_size_no_layer_can_take_is_refused_rather_than_relabelled(tiny_model_dir, tmp_path):
+    for job in ("quantize", "compress"):
+        assert_clean_failure(run(job, tiny_model_dir, "-o", tmp_path / "q", "--group-size", "7"), "at least 8")
+
+
+def test_compress_reports_and_records_group_size_fallbacks(tiny_model_dir, tmp_path):
+    out = tmp_path / "c"  # hidden 96: group 64 divides neither 96 nor q/k/v/o's width, 32 does
+    done = run("compress", tiny_model_dir, "-o", out, "--mode", "int4_sym", "--group-size", "64", "--json")
+    assert done.returncode == 0, done.stderr
+    recipe = json.loads((out / "lowbit_recipe.json").read_text())
+    for notices in (json.loads(done.stdout)["fallbacks"], recipe["group_size_fallbacks"]):
+        assert any(f.startswith("q_proj: group size 64 does not divide 96: int4 sym g32") for f in notices)
+        assert not any(f.startswith("down_proj") for f in notices)  # 128 wide: g64 fits
+
+
+def test_eval_refuses_a_zero_batch_size(tiny_model_dir, text_file):
+    assert_clean_failure(run("eval", tiny_model_dir, "--ppl", text_file, "--batch-size", "0"), "batch size")
+
+
+def test_eval_of_several_models_keeps_the_results_that_finished(tiny_model_dir, tmp_path, text_file):
+    done = run("eval", tiny_model_dir, tmp_path / "missing", "--ppl", text_file, "--seqlen", "32", "--json")
+    assert done.returncode == 2
+    assert "no model" in done.stderr
+    (result,) = json.loads(done.stdout)
+    assert result["model"] == str(tiny_model_dir) and result["perplexity"] is not None
+
+
+def test_non_finite_weights_are_an_error_naming_the_tensor(tiny_model_dir, tmp_path, text_file):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    tensors = safetensors_torch.load_file(damaged / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    safetensors_torch.save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(run("eval", damaged, "--ppl", text_file, "--seqlen", "32"),
+                         "model.layers.1.mlp.up_proj.weight has 1 NaN/Inf values")

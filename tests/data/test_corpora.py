@@ -56,6 +56,8 @@ def test_calibration_windows_are_distinct_and_reproducible(tiny_tokenizer, text_
     a = calibration_windows(text, tiny_tokenizer, 8, 32, seed=3)
     b = calibration_windows(text, tiny_tokenizer, 8, 32, seed=3)
     assert a.shape == (8, 32) and a.equal(b)
+    assert len({tuple(row.tolist()) for row in a}) == 8
+    assert not calibration_windows(text, tiny_tokenizer, 8, 32, seed=4).equal(a)
 
 
 @pytest.mark.integration

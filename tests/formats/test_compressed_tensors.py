@@ -101,7 +101,7 @@ def test_disk_full_while_saving_leaves_no_checkpoint(tiny_model_dir, tmp_path, m
 def test_lm_head_is_quantized_only_when_asked_and_the_checkpoint_still_loads(tiny_model_dir, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 
-    from lowbit.runtime.qlinear import QuantLinear
+    from lowbit.quantized.modules import QuantLinear
 
     _, model, _ = quantize_tiny(tiny_model_dir, tmp_path / "q", make_scheme(4, 32), include_lm_head=True)
     assert isinstance(model.lm_head, QuantLinear)

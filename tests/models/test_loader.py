@@ -49,6 +49,14 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
         load_model("someorg/some-model-that-is-not-cached")
 
 
+def test_an_unreachable_hub_is_reported_at_once_with_the_download_command(monkeypatch):
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(LowbitError, match=r"ConnectionRefusedError.*hf download someorg/not-cached --local-dir DIR"):
+        load_model("someorg/not-cached")
+
+
 def test_unsupported_architecture_lists_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

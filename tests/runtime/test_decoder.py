@@ -3,6 +3,7 @@ import torch
 
 from lowbit.algorithms import get_method
 from lowbit.calibration.sequential import quantize_blocks
+from lowbit.models.architectures import ARCHITECTURES
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.schemes import make_scheme
 
@@ -219,3 +220,19 @@ def test_quantized_embeddings_run_in_the_lean_decoder(tiny_tokenizer, all_layers
     decoder(ids[:, :19], 0)
     step = decoder(ids[:, 19:], 19)[0, -1]  # the compiled step when available
     assert float((step - ref[-1]).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, a in ARCHITECTURES.items() if a.lean is not None))
+def test_every_family_the_lean_decoder_claims_computes_as_transformers_does(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert LeanDecoder.supports(model)
+    ids = torch.randint(1, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    decoder = LeanDecoder(model, max_len=64, dtype=torch.float32, cache_dtype=torch.float32)
+    torch.testing.assert_close(decoder(ids, 0, last_only=False)[0], ref, rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -98,3 +98,9 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.args.describe()}"
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``root.get_submodule(name)`` is (the one module swap every stage uses)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
