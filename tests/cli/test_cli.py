@@ -106,8 +106,8 @@ def test_bench_reports_speeds_as_json(tiny_model_dir):
     result = json.loads(done.stdout)
     assert result["prefill_tok_s_median"] > 0 and result["decode_tok_s_median"] > 0
     assert (result["prompt_tokens"], result["decode_tokens"], result["repeats"]) == (32, 8, 2)
-    # the cache the tiny Llama needs (2 layers, K and V, 2 KV heads of 24, 256 positions) in bfloat16
-    assert result["kv_cache_bytes"] == 2 * 2 * 2 * 24 * 256 * 2
+    # the cache the run needs (2 layers, K and V, 2 KV heads of 24, 32 + 8 positions) in bfloat16
+    assert result["kv_cache_bytes"] == 2 * 2 * 2 * 24 * (32 + 8) * 2
     fp32_bytes = sum(t.numel() * 4 for t in safetensors_torch.load_file(tiny_model_dir / "model.safetensors").values())
     assert result["resident_weights_bytes"] < fp32_bytes / 3  # int4 body, int8 tied head
 

@@ -5,7 +5,8 @@ import torch
 
 from lowbit.models.architectures import ARCHITECTURES
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+TINY = dict(vocab_size=262208,  # meta tensors cost nothing; above every default pad/eos id
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 
 

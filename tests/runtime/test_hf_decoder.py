@@ -48,5 +48,6 @@ def test_quantized_layers_run_on_lowbit_kernels_with_the_checkpoint_numerics(tin
     prompt = decoder(ids[:, :9], 0, last_only=False)[0]  # more rows than the GEMV takes: dense GEMM
     step = decoder(ids[:, 9:], 9)[0, -1]  # one row: the int8-activation GEMV
     scale = float(ref.abs().max())
-    torch.testing.assert_close(prompt, ref[:9], rtol=0, atol=1e-4 * scale)
+    # the runtime keeps scales in float16 (a relative rounding of up to 2⁻¹¹ per group): 2e-3 of the range
+    torch.testing.assert_close(prompt, ref[:9], rtol=0, atol=2e-3 * scale)
     assert float((step - ref[9]).abs().max()) < 0.02 * scale
