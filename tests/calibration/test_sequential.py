@@ -62,7 +62,7 @@ def test_nan_weights_are_refused_naming_the_layer(tiny_model_dir, tmp_path):
     tensors = load_file(str(broken / "model.safetensors"))
     tensors["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(LowbitError, match="layers.1.self_attn.v_proj has 1 NaN"):
+    with pytest.raises(LowbitError, match="model.layers.1.self_attn.v_proj.weight has 1 NaN"):
         api.quantize(str(broken), make_scheme(4, 32), method="rtn", output_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
