@@ -103,8 +103,7 @@ def quantize(
         raise LowbitError(problem)
     if scheme.weights.actorder and not algorithm.uses_actorder:
         scheme = replace(scheme, weights=replace(scheme.weights, actorder=None))
-    if batch_size < 1:
-        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
+    _check_batch_size(batch_size)
     text = None
     if algorithm.needs_calibration:
         if not calib:
@@ -141,6 +140,11 @@ def quantize(
     result.method, result.scheme, result.layers = algorithm.name, scheme.describe(), len(report.layers)
     result.fallbacks, result.notes = fallbacks, consumer_notes(scheme)
     return (result, hf_model, tokenizer) if return_model else result
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
 
 
 def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
@@ -232,7 +236,7 @@ def compress(
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
     result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
-    result.method, result.layers, result.fallbacks = method, len(report.layers), fallback_notices(report.fallbacks)
+    result.method, result.layers, result.fallbacks = method, len(report.layers), record["group_size_fallbacks"]
     result.scheme = f"{mode} g{group_size} ratio {ratio}" if group_size else f"{mode} per-channel ratio {ratio}"
     result.distribution = report.distribution()
     primary = mode_args(mode, group_size or None)
@@ -265,8 +269,7 @@ def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: i
         raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
-    if batch_size < 1:
-        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
+    _check_batch_size(batch_size)
     return evaluation_text(ppl) if ppl else None
 
 

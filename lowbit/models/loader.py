@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 import torch
 
@@ -92,17 +95,17 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def check_finite_model(model: torch.nn.Module) -> None:
+    """:func:`check_finite` on every tensor of ``model``, tied ones (embedding = head) once."""
+    seen = set()
     for name, t in model.state_dict().items():
-        check_finite(name, t)
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            check_finite(name, t)
 
 
 def _hub_unreachable(timeout_s: float = 3.0) -> Optional[Exception]:
     """Why the hub cannot be reached (None: it answers a TCP connection), found in seconds rather than
     after the hub client's retries (52 s seen offline)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return OSError("HF_HUB_OFFLINE is set")
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
