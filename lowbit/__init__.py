@@ -7,7 +7,7 @@ from lowbit.runtime.cpu import apply_torch_switches  # noqa: E402  (before torch
 apply_torch_switches()
 
 from lowbit.api import compress, evaluate, quantize  # noqa: E402
-from lowbit.compression import compress_weights  # noqa: E402
+from lowbit.pipeline.quantize import compress_weights  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.runtime.llm import LLM, RequestOutput  # noqa: E402
 from lowbit.runtime.sampling import SamplingParams  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -12,9 +12,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms import get_method
-from lowbit.calibration.sampling import SELF_GENERATED, calibration_windows
-from lowbit.calibration.sequential import QuantizationReport, quantize_blocks
-from lowbit.compression import check_options, compress_weights, mode_args
+from lowbit.calibration.sampling import SELF_GENERATED, CalibrationSpec
 from lowbit.data.corpora import calibration_text, evaluation_text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
@@ -23,6 +21,8 @@ from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import decoder_blocks
 from lowbit.models.loader import load_model, resolve
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.progress import progress_bar
 from lowbit.schemes.args import QuantizationScheme, make_scheme
 
@@ -93,89 +93,13 @@ def quantize(
 
     Example: ``lowbit.quantize("smollm2-135m", lowbit.W4A16(group_size=64), method="gptq",
     calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
-    (and the quantized model too with ``return_model=True``).
+    (and the quantized model too with ``return_model=True``). ``calib`` is read only by methods that need data.
     """
-    start = time.perf_counter()
-    scheme = scheme or make_scheme()
     algorithm = get_method(method)
-    problem = algorithm.unsuitable(scheme.weights)
-    if problem:
-        raise LowbitError(problem)
-    if scheme.weights.actorder and not algorithm.uses_actorder:
-        scheme = replace(scheme, weights=replace(scheme.weights, actorder=None))
-    _check_batch_size(batch_size)
-    text = None
-    if algorithm.needs_calibration:
-        if not calib:
-            raise LowbitError(f"method {algorithm.name} needs calibration text: pass --calib")
-        text = calibration_text(calib)
-    _check_inputs(model, output_dir, overwrite)
-    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
-    decoder_blocks(hf_model)
-    calibration = None
-    calib_record = None
-    if text is not None:
-        calibration = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
-        calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    with progress_bar(f"{algorithm.name} {scheme.describe()}", progress) as step:
-        report: QuantizationReport = quantize_blocks(
-            hf_model, scheme, algorithm, calibration, batch_size, tuple(ignore), include_lm_head, on_block=step
-        )
-    quant_time = time.perf_counter() - start
-    fallbacks = fallback_notices(report.fallbacks)
-    record = {
-        "lowbit_version": lowbit.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_model": model,
-        "method": algorithm.name,
-        "scheme": scheme.describe(),
-        "weights": scheme.weights.to_dict(),
-        "calibration": calib_record,
-        "ignored": list(ignore),
-        "lm_head_quantized": include_lm_head,
-        "group_size_fallbacks": fallbacks,
-        "quantization_wall_time_s": round(quant_time, 1),
-    }
-    result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
-    result.method, result.scheme, result.layers = algorithm.name, scheme.describe(), len(report.layers)
-    result.fallbacks, result.notes = fallbacks, consumer_notes(scheme)
-    return (result, hf_model, tokenizer) if return_model else result
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
-
-
-def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
-    """What can be refused before a model is loaded: an already-quantized source, an unwritable output."""
-    source = resolve(model)
-    if source.quantized:
-        raise LowbitError(
-            f"{model} is already a quantized checkpoint; quantize the full-precision model it was made from"
-            f" (its lowbit_recipe.json names it, as source_model)"
-        )
-    if output_dir is not None:
-        check_output_dir(Path(output_dir), overwrite)
-
-
-def _save(hf_model, tokenizer, output_dir, overwrite: bool, record: dict, start: float) -> QuantizeResult:
-    """Write the checkpoint atomically (when asked) and measure what the caller describes."""
-    size = None
-    if output_dir is not None:
-        with atomic_output_dir(Path(output_dir), overwrite) as staging:
-            save_quantized(hf_model, tokenizer, staging, record)
-        size = folder_size(Path(output_dir))
-    return QuantizeResult(
-        output_dir=None if output_dir is None else str(output_dir),
-        method="",
-        scheme="",
-        bits_per_weight=bits_per_weight(hf_model),
-        size_bytes=size,
-        wall_time_s=time.perf_counter() - start,
-        peak_rss_bytes=peak_rss_bytes(),
-        layers=0,
-    )
+    recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head)
+    calib = calib if algorithm.needs_calibration else None
+    return _run(model, recipe, calib, nsamples, seqlen, seed, output_dir, overwrite, batch_size,
+                (allow_pickle, trust_remote_code), progress, return_model)
 
 
 def compress(
@@ -203,45 +127,75 @@ def compress(
 
     ``dataset`` (a text name such as "shakespeare") makes the sensitivity data-aware.
     """
+    recipe = compress_recipe(mode, group_size, ratio, method, sensitivity_metric, all_layers, tuple(ignore))
+    return _run(model, recipe, dataset, nsamples, seqlen, seed, output_dir, overwrite, 8,
+                (allow_pickle, trust_remote_code), progress, return_model)
+
+
+def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen: int, seed: int, output_dir,
+         overwrite: bool, batch_size: int, load_options: tuple, progress: bool, return_model: bool):
+    """The one body of ``quantize`` and ``compress``: check everything that can be checked, load,
+    run the pipeline, save atomically, measure."""
     start = time.perf_counter()
-    check_options(mode, group_size or None, ratio, method, sensitivity_metric, bool(dataset))
-    text = calibration_text(dataset) if dataset else None
+    recipe = recipe.checked(has_data=calib is not None)
+    _check_batch_size(batch_size)
+    calibration = None if calib is None else CalibrationSpec(calibration_text(calib), nsamples, seqlen, seed)
     _check_inputs(model, output_dir, overwrite)
-    hf_model, tokenizer, source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
-    windows, calib_record = None, None
-    if text is not None:
-        windows = calibration_windows(text, tokenizer, nsamples, seqlen, seed)
-        calib_record = {"corpus": text.corpus, "part": text.part, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    with progress_bar(f"compress {mode} ratio {ratio}", progress) as step:
-        report = compress_weights(
-            hf_model, mode, group_size or None, ratio, sensitivity_metric, all_layers, windows, method,
-            tuple(ignore), on_layer=step,
-        )
-    if report.sensitivity_metric == "fisher" and not dataset:
+    hf_model, tokenizer, _ = load_model(model, torch.float32, *load_options)
+    decoder_blocks(hf_model)
+    windows = None if calibration is None else calibration.windows(tokenizer)
+    with progress_bar(f"{recipe.method.name} {recipe.describe()}", progress) as step:
+        report = quantize_model(hf_model, recipe, windows, batch_size, on_step=step)
+    fallbacks = fallback_notices(report.fallbacks)
+    calib_record = None if calibration is None else calibration.record()
+    if report.self_generated:
         calib_record = {"corpus": "self-generated", "nsamples": SELF_GENERATED[0], "seqlen": SELF_GENERATED[1]}
     record = {
         "lowbit_version": lowbit.__version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source_model": model,
-        "method": method,
-        "mode": mode,
-        "group_size": group_size,
-        "ratio": ratio,
-        "sensitivity_metric": report.sensitivity_metric,
-        "all_layers": all_layers,
+        **recipe.record(),
         "calibration": calib_record,
-        "ignored": list(ignore),
         "layers": [asdict(layer) for layer in report.layers],
-        "group_size_fallbacks": fallback_notices(report.fallbacks),
+        "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
-    result = _save(hf_model, tokenizer, output_dir, overwrite, record, start)
-    result.method, result.layers, result.fallbacks = method, len(report.layers), record["group_size_fallbacks"]
-    result.scheme = f"{mode} g{group_size} ratio {ratio}" if group_size else f"{mode} per-channel ratio {ratio}"
-    result.distribution = report.distribution()
-    primary = mode_args(mode, group_size or None)
-    result.notes = consumer_notes(make_scheme(primary.num_bits, group_size, primary.symmetric, grid=primary.type))
+    size = None
+    if output_dir is not None:
+        with atomic_output_dir(Path(output_dir), overwrite) as staging:
+            save_quantized(hf_model, tokenizer, staging, record)
+        size = folder_size(Path(output_dir))
+    result = QuantizeResult(
+        output_dir=None if output_dir is None else str(output_dir),
+        method=recipe.method.name,
+        scheme=recipe.describe(),
+        bits_per_weight=bits_per_weight(hf_model),
+        size_bytes=size,
+        wall_time_s=time.perf_counter() - start,
+        peak_rss_bytes=peak_rss_bytes(),
+        layers=len(report.layers),
+        fallbacks=fallbacks,
+        notes=consumer_notes(recipe.scheme),
+        distribution=report.distribution(),
+    )
     return (result, hf_model, tokenizer) if return_model else result
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
+
+
+def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
+    """What can be refused before a model is loaded: an already-quantized source, an unwritable output."""
+    source = resolve(model)
+    if source.quantized:
+        raise LowbitError(
+            f"{model} is already a quantized checkpoint; quantize the full-precision model it was made from"
+            f" (its lowbit_recipe.json names it, as source_model)"
+        )
+    if output_dir is not None:
+        check_output_dir(Path(output_dir), overwrite)
 
 
 def fallback_notices(layers) -> list[str]:

@@ -31,8 +31,9 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize
+from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.calibration.statistics import HessianAccumulator, capture_inputs, first_input, observe_inputs
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import dequantize, quantize, resolve_group_size
@@ -64,42 +65,16 @@ def _first(y):
     return y[0] if isinstance(y, tuple) else y
 
 
-@torch.no_grad()
-def _capture(block: nn.Module, calls: list, modules: dict[str, nn.Module], rows: int = 0):
-    """Inputs of each named module for every calibration batch: (args, kwargs) calls, or with
-    ``rows`` > 0 just that many evenly spaced input rows per module (a [rows, in] tensor)."""
-    seen: dict[str, list] = {name: [] for name in modules}
-
-    def record(_module, a, k, name):
-        if not rows:
-            seen[name].append((a, k))
-            return
-        x = _first(a) if a else k["hidden_states"]
-        x = x.reshape(-1, x.shape[-1])
-        seen[name].append(x[torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0])).long()].clone())
-
-    handles = [
-        m.register_forward_pre_hook(lambda _m, a, k, name=name: record(_m, a, k, name), with_kwargs=True)
-        for name, m in modules.items()
-    ]
-    try:
-        for x, kw in calls:
-            block(x, **kw)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _scale_previous(previous: nn.Module, s: torch.Tensor, norm_offset: float) -> None:
-    """Divide the output channels of ``previous`` by s (a norm computes (offset + weight) · x̂)."""
+    """Divide the output channels of ``previous`` by s (a norm computes (offset + weight) · x̂ + bias)."""
     if isinstance(previous, nn.Linear):
         previous.weight.data.div_(s[:, None].to(previous.weight.dtype))
-        if previous.bias is not None:
-            previous.bias.data.div_(s.to(previous.bias.dtype))
     else:
         w = previous.weight.data
         w.copy_((w.float() + norm_offset) / s - norm_offset)
+    bias = getattr(previous, "bias", None)
+    if bias is not None:
+        bias.data.div_(s.to(bias.dtype))
 
 
 def _relative_weight_magnitude(balance: list[nn.Linear], args: QuantizationArgs) -> torch.Tensor:
@@ -133,16 +108,14 @@ def search_scales(
     hessian = HessianAccumulator(balance[0].in_features)
     x_abs = torch.zeros(balance[0].in_features)
 
-    def observe(_module, a):
-        x = a[0].reshape(-1, a[0].shape[-1]).float()
+    def observe(_name, a, k):
+        x = first_input(a, k)
+        x = x.reshape(-1, x.shape[-1]).float()
         x_abs.add_(x.abs().sum(dim=0))
         hessian.add(x)
 
-    hook = balance[0].register_forward_pre_hook(observe)
-    try:
+    with observe_inputs({"balance": balance[0]}, observe):
         reference = [_first(inspect(*a, **k)) for a, k in calls]
-    finally:
-        hook.remove()
     x_mean = x_abs / hessian.n
     w_mean = _relative_weight_magnitude(balance, resolve_group_size(args, balance[0].in_features))
     originals = [layer.weight.data.clone() for layer in balance]
@@ -215,7 +188,7 @@ def awq_transform_block(
         width = previous.out_features if isinstance(previous, nn.Linear) else previous.weight.shape[0]
         if all(layer.in_features == width for layer in balance):  # e.g. v → o does not apply under GQA
             applicable.append((sm, previous, balance))
-    seen_inspect = _capture(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
+    seen_inspect = capture_inputs(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
     for sm, previous, balance in applicable:
         s = search_scales(block.get_submodule(sm.inspect), seen_inspect[sm.inspect], balance, args, rounding, n_grid)
         _scale_previous(previous, s, norm_offset)
@@ -224,6 +197,6 @@ def awq_transform_block(
     if not clip:
         return
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    seen = _capture(block, batches, linears, rows=max(1, CLIP_TOKENS // len(batches)))
+    seen = capture_inputs(block, batches, linears, rows=max(1, CLIP_TOKENS // len(batches)))
     for name, layer in linears.items():
         layer.weight.data = search_clip(layer.weight.data, torch.cat(seen[name]), args)

@@ -13,28 +13,11 @@ so one factorisation serves all columns. Updates are applied lazily in blocks of
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import QuantizedWeight, dequantize_with, fit_qparams, quantize_with
-
-
-class HessianAccumulator:
-    """Running H = 2/n Σ x xᵀ over calibration inputs x [.., in] (float32, [in, in])."""
-
-    def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        self.H *= self.n / (self.n + m)
-        self.n += m
-        x = x * math.sqrt(2 / self.n)
-        self.H.addmm_(x.t(), x)
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.data.corpora import CalibrationText
@@ -31,6 +33,23 @@ def calibration_windows(
     if bos is not None and _wants_bos(tokenizer):
         windows[:, 0] = bos
     return windows
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration windows to draw: ``nsamples`` × ``seqlen`` tokens of ``text``, by ``seed``."""
+
+    text: CalibrationText
+    nsamples: int
+    seqlen: int
+    seed: int = 0
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        return calibration_windows(self.text, tokenizer, self.nsamples, self.seqlen, self.seed)
+
+    def record(self) -> dict:
+        return {"corpus": self.text.corpus, "part": self.text.part, "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed}
 
 
 def _wants_bos(tokenizer) -> bool:

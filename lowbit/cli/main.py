@@ -13,7 +13,7 @@ import typer
 
 from lowbit import __version__
 from lowbit.algorithms import methods_help
-from lowbit.compression import MODES
+from lowbit.schemes.args import MODES
 from lowbit.errors import LowbitError
 
 app = typer.Typer(

@@ -20,16 +20,17 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _decoder_quantized(model: nn.Module) -> list[QuantLinear]:
-    """Quantized Linears other than the output projection (which may be the embedding table, tied)."""
-    return [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and "lm_head" not in n]
+def _decoder_linears(model: nn.Module, kind: type) -> list[nn.Module]:
+    """Modules of ``kind`` other than the output projection (which may be the embedding table, tied)."""
+    head = model.get_output_embeddings()
+    return [m for m in model.modules() if isinstance(m, kind) and m is not head]
 
 
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits per weight of the decoder Linears: quantized ones with their scales, the rest at their dtype."""
     q = effective_bits(model)
-    quantized = sum(m.weight_q.numel() for m in _decoder_quantized(model))
-    dense = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n]
+    quantized = sum(m.weight_q.numel() for m in _decoder_linears(model, QuantLinear))
+    dense = [m.weight for m in _decoder_linears(model, nn.Linear)]
     dense_bits = sum(w.numel() * w.element_size() * 8 for w in dense)
     dense_n = sum(w.numel() for w in dense)
     total_n = quantized + dense_n
@@ -52,7 +53,7 @@ def peak_rss_bytes() -> int:
 def effective_bits(model: nn.Module) -> float:
     """Average stored bits per quantized weight (codes, scales, zero points) over the decoder's QuantLinears."""
     bits = numel = 0
-    for m in _decoder_quantized(model):
+    for m in _decoder_linears(model, QuantLinear):
         n = m.weight_q.numel()
         numel += n
         bits += n * m.args.num_bits + m.weight_scale.numel() * m.weight_scale.element_size() * 8

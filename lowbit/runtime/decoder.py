@@ -130,6 +130,7 @@ class LeanDecoder(nn.Module):
         self.attn_scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.embed_scale = config.hidden_size**0.5 if arch.embed_scale else 1.0
         self.activation = arch.activation
+        self.arch = arch
         layers = hf_model.get_submodule(arch.blocks)
         layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
         kinds = sorted(set(layer_types))  # one RoPE table per attention kind (Gemma 3: local and global bases)
@@ -183,9 +184,11 @@ class LeanDecoder(nn.Module):
 
     def projections(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every projection, named as the checkpoint's layers."""
-        parts = (("qkv", "self_attn.qkv"), ("o", "self_attn.o_proj"), ("gate_up", "mlp.gate_up"), ("down", "mlp.down_proj"))
-        named = [(f"model.layers.{i}.{label}", getattr(b, attr)) for i, b in enumerate(self.blocks) for attr, label in parts]
-        return named + [("lm_head", self.lm_head)]
+        lay = self.arch.lean
+        q_parent, gate_parent = lay.q.rpartition(".")[0], lay.gate.rpartition(".")[0]  # fused: named beside q, gate
+        parts = (("qkv", f"{q_parent}.qkv"), ("o", lay.o), ("gate_up", f"{gate_parent}.gate_up"), ("down", lay.down))
+        named = [(f"{self.arch.blocks}.{i}.{label}", getattr(b, attr)) for i, b in enumerate(self.blocks) for attr, label in parts]
+        return named + [(self.arch.lm_head, self.lm_head)]
 
     def kernels(self) -> dict[str, str]:
         """Which kernel each kind of projection runs, and how a decode step runs."""

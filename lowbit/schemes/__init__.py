@@ -1,6 +1,7 @@
 """Quantization schemes (what grid) and the pure quantize/dequantize functions onto it."""
 
 from lowbit.schemes.args import (
+    MODES,
     PRESETS,
     W2A16,
     W2A16_SYM,
@@ -12,10 +13,12 @@ from lowbit.schemes.args import (
     QuantizationArgs,
     QuantizationScheme,
     make_scheme,
+    mode_scheme,
 )
 from lowbit.schemes.grid import QuantizedWeight, dequantize, fit_qparams, quantize, quantize_with
 
 __all__ = [
+    "MODES",
     "PRESETS",
     "W2A16",
     "W2A16_SYM",
@@ -30,6 +33,7 @@ __all__ = [
     "dequantize",
     "fit_qparams",
     "make_scheme",
+    "mode_scheme",
     "quantize",
     "quantize_with",
 ]

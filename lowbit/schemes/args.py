@@ -108,16 +108,20 @@ class QuantizationArgs:
 
 @dataclass(frozen=True)
 class QuantizationScheme:
-    """What a quantized module stores (compressed-tensors' ``QuantizationScheme``); weight-only for now.
+    """What a quantized module stores (compressed-tensors' ``QuantizationScheme``).
 
-    Which modules get a scheme is the caller's choice (see ``ignore`` and ``include_lm_head`` in
-    :func:`lowbit.quantize`), recorded per layer in the checkpoint's config groups.
+    ``input_activations`` is where activation quantization attaches (None: 16-bit activations, the
+    only kind implemented so far; the pipeline refuses others). Which modules get a scheme is the
+    caller's choice (see ``ignore`` and ``include_lm_head`` in :func:`lowbit.quantize`), recorded
+    per layer in the checkpoint's config groups.
     """
 
     weights: QuantizationArgs
+    input_activations: Optional[QuantizationArgs] = None
 
     def describe(self) -> str:
-        return f"W{self.weights.num_bits}A16 ({self.weights.describe()})"
+        acts = 16 if self.input_activations is None else self.input_activations.num_bits
+        return f"W{self.weights.num_bits}A{acts} ({self.weights.describe()})"
 
 
 def make_scheme(
@@ -176,3 +180,27 @@ PRESETS = {
     "W2A16": W2A16,
     "W2A16_SYM": W2A16_SYM,
 }
+
+
+# compress's mode names (NNCF's vocabulary) as weight-only schemes: (bits, symmetric, grid type).
+MODES = {
+    "int4_sym": (4, True, "int"),
+    "int4_asym": (4, False, "int"),
+    "nf4": (4, True, "nf"),
+    "fp4": (4, True, "float"),
+    "int3_sym": (3, True, "int"),
+    "int3_asym": (3, False, "int"),
+    "int2_sym": (2, True, "int"),
+    "int2_asym": (2, False, "int"),
+    "int8_sym": (8, True, "int"),
+    "int8_asym": (8, False, "int"),
+}
+
+
+def mode_scheme(mode: str, group_size: Optional[int] = 128, observer: str = "mse") -> QuantizationScheme:
+    """The scheme of a compress ``mode`` ("int4_sym", "nf4", …): no act-order (no data), and 8-bit
+    modes per-channel as in NNCF whatever ``group_size`` says."""
+    if mode not in MODES:
+        raise LowbitError(f"mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
+    bits, symmetric, grid = MODES[mode]
+    return make_scheme(bits, None if bits == 8 else group_size, symmetric, actorder=None, observer=observer, grid=grid)

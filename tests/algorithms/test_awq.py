@@ -11,8 +11,9 @@ from lowbit.algorithms.awq import (
     search_clip,
     search_scales,
 )
-from lowbit.algorithms.gptq import HessianAccumulator
-from lowbit.calibration.sequential import quantize_blocks
+from lowbit.calibration.statistics import HessianAccumulator
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.recipe import Recipe
 from lowbit.models.architectures import architecture_of
 from lowbit.schemes import make_scheme
 
@@ -81,7 +82,7 @@ def test_awq_beats_rtn_on_salient_channels(tiny_tokenizer, method):
         model = _salient_model(len(tiny_tokenizer))
         with torch.no_grad():
             reference = model(input_ids=test).logits
-        quantize_blocks(model, make_scheme(3, 32, actorder=None), get_method(name), calib)
+        quantize_model(model, Recipe(make_scheme(3, 32, actorder=None), get_method(name)), calib)
         with torch.no_grad():
             errors[name] = float(((model(input_ids=test).logits - reference) ** 2).mean())
     assert errors[method] < errors["rtn"]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lowbit.algorithms.gptq import HessianAccumulator, gptq_quantize
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.calibration.statistics import HessianAccumulator
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.schemes import make_scheme
 

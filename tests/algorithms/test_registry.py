@@ -9,7 +9,7 @@ import torch
 import lowbit
 from lowbit.algorithms import METHODS, Method, data_free_methods, get_method, methods_help
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.compression import MODES
+from lowbit.schemes.args import MODES
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import read_record
 from lowbit.quantized.modules import QuantLinear

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from lowbit.algorithms import get_method
-from lowbit.calibration.sequential import quantize_blocks
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.recipe import Recipe
 from lowbit.models.architectures import ARCHITECTURES
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.schemes import make_scheme
@@ -13,7 +14,7 @@ from ..conftest import make_model
 @pytest.fixture()
 def quantized_model(tiny_tokenizer):
     model = make_model(len(tiny_tokenizer), hidden=128, intermediate=256)
-    quantize_blocks(model, make_scheme(4, 64), get_method("rtn"))
+    quantize_model(model, Recipe(make_scheme(4, 64), get_method("rtn")))
     return model
 
 
@@ -171,7 +172,7 @@ def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokeni
     else:
         model = _family_model(family, len(tiny_tokenizer))
     if body in ("int4", "w3"):
-        quantize_blocks(model, make_scheme(4 if body == "int4" else 3, 64), get_method("rtn"))
+        quantize_model(model, Recipe(make_scheme(4 if body == "int4" else 3, 64), get_method("rtn")))
     head = quantizer_for("int8") if case.endswith("int8 head") else None
     body_quantizer = quantizer_for("fp8") if body == "fp8" else None
     dtype = torch.float32 if case.endswith("float32") else None  # else the CPU's compute dtype
@@ -205,7 +206,7 @@ def test_chunked_prompt_attention_equals_one_chunk(quantized_model, monkeypatch)
 
 @pytest.mark.parametrize("all_layers", [False, True])  # the int8 or int4 table is the tied head's: one copy
 def test_quantized_embeddings_run_in_the_lean_decoder(tiny_tokenizer, all_layers):
-    from lowbit.compression import compress_weights
+    from lowbit.pipeline.quantize import compress_weights
 
     model = make_model(len(tiny_tokenizer), hidden=128, intermediate=256)
     model.config.max_position_embeddings = 512

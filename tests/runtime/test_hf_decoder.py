@@ -2,7 +2,7 @@
 
 import torch
 
-from lowbit.compression import compress_weights
+from lowbit.pipeline.quantize import compress_weights
 from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import FastLinear
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from lowbit.compression import compress_weights
+from lowbit.pipeline.quantize import compress_weights
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import load_quantized, save_quantized
 from lowbit.quantized.modules import QuantLinear
 
-from .conftest import make_model
+from ..conftest import make_model
 
 
 @pytest.fixture()
@@ -46,7 +46,7 @@ def test_data_aware_sensitivity_uses_the_data(model, tiny_tokenizer, metric):
     windows = torch.randint(0, len(tiny_tokenizer), (4, 32))
     other = torch.randint(0, len(tiny_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
     report = compress_weights(model, "int4_asym", group_size=64, ratio=0.7, dataset=windows, sensitivity_metric=metric)
-    assert report.sensitivity_metric == (metric or "fisher")
+    assert report.recipe.sensitivity_metric == (metric or "fisher")
     assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
     fresh = make_model(len(tiny_tokenizer), hidden=128, intermediate=256, layers=2)
     again = compress_weights(fresh, "int4_asym", group_size=64, ratio=0.7, dataset=other, sensitivity_metric=metric)
@@ -58,14 +58,14 @@ def test_data_aware_sensitivity_uses_the_data(model, tiny_tokenizer, metric):
 
 def test_fisher_without_data_ranks_on_text_the_model_samples_itself(model):
     report = compress_weights(model, "int4_sym", group_size=64, ratio=0.5, sensitivity_metric="fisher")
-    assert report.sensitivity_metric == "fisher"
+    assert report.recipe.sensitivity_metric == "fisher"
     four = [layer.sensitivity for layer in report.layers if layer.bits == 4 and layer.ranked]
     eight = [layer.sensitivity for layer in report.layers if layer.bits == 8 and layer.ranked]
     assert four and eight and max(four) <= min(eight) and max(eight) > 0
 
 
 def test_empirical_fisher_is_the_mean_squared_per_window_gradient(model, tiny_tokenizer):
-    from lowbit.compression import empirical_fisher
+    from lowbit.calibration.statistics import empirical_fisher
 
     windows = torch.randint(0, len(tiny_tokenizer), (3, 16))
     name = "model.layers.1.mlp.down_proj"

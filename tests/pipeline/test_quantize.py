@@ -3,7 +3,8 @@ import torch
 
 from lowbit import api
 from lowbit.algorithms import get_method
-from lowbit.calibration.sequential import quantize_blocks
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.recipe import Recipe
 from lowbit.errors import LowbitError
 from lowbit.quantized.modules import QuantLinear
 from lowbit.schemes import make_scheme
@@ -14,7 +15,7 @@ from ..conftest import make_model
 def test_every_decoder_linear_is_replaced_and_lm_head_is_kept(tiny_tokenizer):
     model = make_model(len(tiny_tokenizer))
     calibration = torch.randint(0, len(tiny_tokenizer), (8, 16))
-    report = quantize_blocks(model, make_scheme(4, 32), get_method("gptq"), calibration, batch_size=4)
+    report = quantize_model(model, Recipe(make_scheme(4, 32), get_method("gptq")), calibration, batch_size=4)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == len(report.layers) == 2 * 7
     assert all(".layers." in n for n in quantized)
@@ -25,7 +26,7 @@ def test_gptq_quantizes_lm_head_on_final_norm_activations_when_asked(tiny_tokeni
     model = make_model(len(tiny_tokenizer))
     embedding = model.model.embed_tokens.weight.detach().clone()
     calibration = torch.randint(0, len(tiny_tokenizer), (4, 16))
-    report = quantize_blocks(model, make_scheme(4, 32), get_method("gptq"), calibration, include_lm_head=True)
+    report = quantize_model(model, Recipe(make_scheme(4, 32), get_method("gptq"), include_lm_head=True), calibration)
     assert isinstance(model.lm_head, QuantLinear) and report.layers[-1].name == "lm_head"
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.model.embed_tokens.weight, embedding)
@@ -40,7 +41,7 @@ def test_gptq_model_tracks_the_original_better_than_rtn(tiny_tokenizer):
     errors = {}
     for method in ("rtn", "gptq"):
         model = make_model(len(tiny_tokenizer))
-        quantize_blocks(model, make_scheme(3, 32), get_method(method), ids, batch_size=8)
+        quantize_model(model, Recipe(make_scheme(3, 32), get_method(method)), ids, batch_size=8)
         with torch.no_grad():
             errors[method] = float((model(input_ids=ids).logits - target).pow(2).mean())
     assert errors["gptq"] < errors["rtn"]
@@ -48,7 +49,7 @@ def test_gptq_model_tracks_the_original_better_than_rtn(tiny_tokenizer):
 
 def test_ignore_keeps_matching_layers_in_full_precision(tiny_tokenizer):
     model = make_model(len(tiny_tokenizer))
-    quantize_blocks(model, make_scheme(4, 32), get_method("rtn"), ignore=("re:.*down_proj",))
+    quantize_model(model, Recipe(make_scheme(4, 32), get_method("rtn"), ignore=("re:.*down_proj",)))
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
 
@@ -82,16 +83,16 @@ def _tiny_gemma3(vocab: int):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_replaying_blocks_with_captured_arguments_reproduces_the_model(tiny_tokenizer, family):
     """Each block gets its own keyword arguments (Gemma 3: sliding-window and global masks and rotary tables)."""
-    from lowbit.calibration.sequential import _capture_block_inputs, _run_block
+    from lowbit.calibration.statistics import capture_block_inputs, run_block
     from lowbit.models.architectures import decoder_blocks
 
     model = make_model(len(tiny_tokenizer)) if family == "llama" else _tiny_gemma3(len(tiny_tokenizer))
     batches = list(torch.randint(0, len(tiny_tokenizer), (4, 16)).split(2))
     _, blocks = decoder_blocks(model)
-    inputs, block_kwargs = _capture_block_inputs(model, blocks, batches)
+    inputs, block_kwargs = capture_block_inputs(model, blocks, batches)
     with torch.no_grad():
         for i, block in enumerate(blocks):
-            inputs = _run_block(block, list(zip(inputs, block_kwargs[i])))
+            inputs = run_block(block, list(zip(inputs, block_kwargs[i])))
         expected = [model.model(input_ids=b).last_hidden_state for b in batches]
         replayed = [model.model.norm(h) for h in inputs]
     for a, b in zip(replayed, expected):

@@ -1,0 +1,192 @@
+"""What the algorithms learn from calibration data, collected through one forward-hook helper.
+
+    H_ℓ  = 2/n Σ x xᵀ                 the inputs' Hessian of each Linear's ‖W X − Ŵ X‖² (GPTQ)
+    h_ℓj = 1/n Σ x_j²                 its diagonal / 2, the activations' second moments (mixed precision)
+    F_ij = 1/S Σ_s (∂L_s/∂W_ij)²      the empirical Fisher of the loss over sequences s (mixed precision)
+
+plus the inputs themselves (the hidden states and keyword arguments entering each decoder block,
+AWQ's samples of a module's inputs). Shapes: x [.., in]; H [in, in]; h [in]; F like W [out, in].
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Call = tuple[torch.Tensor, dict]  # (hidden states entering a block, that block's keyword arguments)
+
+
+@contextmanager
+def observe_inputs(modules: Mapping[str, nn.Module], observe: Callable[[str, tuple, dict], None]) -> Iterator[None]:
+    """While inside, every forward of a named module first calls ``observe(name, args, kwargs)``."""
+    handles = [
+        module.register_forward_pre_hook(lambda _m, a, k, name=name: observe(name, a, k), with_kwargs=True)
+        for name, module in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a module is called on (positional, or a block's ``hidden_states``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ over calibration inputs x [.., in] (float32, [in, in])."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+def run_block(block: nn.Module, calls: list[Call]) -> list[torch.Tensor]:
+    """The block's output hidden states for each call."""
+    outputs = []
+    for x, kw in calls:
+        y = block(x, **kw)
+        outputs.append(y[0] if isinstance(y, tuple) else y)
+    return outputs
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, linears: Mapping[str, nn.Linear], calls: list[Call]) -> dict[str, torch.Tensor]:
+    """H for each Linear's input over the block's calls; Linears fed the same tensor (q/k/v, gate/up) share one H."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # holds x so its id stays unique
+
+    def observe(name: str, args: tuple, kwargs: dict) -> None:
+        x = first_input(args, kwargs)
+        if name not in accumulators:
+            accumulators[name] = seen[id(x)][1] if id(x) in seen else HessianAccumulator(x.shape[-1])
+        if id(x) not in seen:
+            seen[id(x)] = (x, accumulators[name])
+            accumulators[name].add(x)
+
+    with observe_inputs(linears, observe):
+        for x, kw in calls:
+            seen.clear()
+            block(x, **kw)
+    return {name: acc.H for name, acc in accumulators.items()}
+
+
+@torch.no_grad()
+def capture_inputs(block: nn.Module, calls: list[Call], modules: Mapping[str, nn.Module], rows: int = 0) -> dict:
+    """Inputs of each named module for every call of ``block``: (args, kwargs) pairs, or with
+    ``rows`` > 0 just that many evenly spaced input rows per call (a list of [rows, in] tensors)."""
+    seen: dict[str, list] = {name: [] for name in modules}
+
+    def observe(name: str, args: tuple, kwargs: dict) -> None:
+        if not rows:
+            seen[name].append((args, kwargs))
+            return
+        x = first_input(args, kwargs)
+        x = x.reshape(-1, x.shape[-1])
+        seen[name].append(x[torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0])).long()].clone())
+
+    with observe_inputs(modules, observe):
+        for x, kw in calls:
+            block(x, **kw)
+    return seen
+
+
+@torch.no_grad()
+def activation_second_moments(
+    model: nn.Module, names: list[str], windows: torch.Tensor, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """h_j = mean over tokens of x_j² for the input of each named Linear [in]."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, args: tuple, kwargs: dict) -> None:
+        x = first_input(args, kwargs)
+        x = x.reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    with observe_inputs({n: model.get_submodule(n) for n in names}, observe):
+        for batch in windows.split(batch_size):
+            model(input_ids=batch, use_cache=False)
+    return {n: sums[n] / counts[n] for n in sums}
+
+
+def empirical_fisher(model: nn.Module, names: list[str], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """F for the weight of each named module, L_s the summed next-token loss of window s (one
+    backward pass per window). Memory: two copies of the named weights (gradient and running sum)."""
+    weights = {n: model.get_submodule(n).weight for n in names}
+    wanted = {id(w) for w in weights.values()}
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    try:
+        with torch.enable_grad():
+            for window in windows.split(1):
+                logits = model(input_ids=window, use_cache=False).logits
+                loss = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for n, g in zip(weights, grads):
+                    fisher[n].addcmul_(g, g, value=1 / len(windows))
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous[name])
+    return fisher
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
+    """Hidden states entering block 0 for each batch, and the keyword arguments each block gets for
+    each batch (families such as Gemma 3 give sliding-window and global blocks different masks and
+    rotary tables). Blocks are swapped for recorders that pass their input through, so this costs
+    about an embedding lookup per batch."""
+    inputs: list[torch.Tensor] = []
+    block_kwargs: list[list[dict]] = [[] for _ in blocks]
+
+    def recorder(i: int):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw.pop("hidden_states")
+            kw.pop("hidden_states", None)
+            for key in ("past_key_values", "past_key_value"):
+                kw.pop(key, None)
+            kw["use_cache"] = False
+            if i == 0:
+                inputs.append(hidden)
+            block_kwargs[i].append(kw)
+            if i == len(blocks) - 1:
+                raise _Captured
+            return hidden  # only the kwargs of later blocks are recorded, so its shape there does not matter
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return inputs, block_kwargs

@@ -1,0 +1,235 @@
+"""The quantization pipeline: apply a :class:`Recipe` to a loaded model, in place.
+
+    1. targets: the decoder blocks' Linears (minus ``ignore``), and the embedding table and head if asked;
+    2. with ``ratio`` < 1, rank them by sensitivity and keep the most sensitive at the backup precision;
+    3. block by block (sequential calibration): the method's transform (AWQ), the inputs' Hessians
+       (GPTQ), then each Linear rounded and swapped for a :class:`QuantLinear`;
+    4. the embedding table and heads.
+
+Block i is calibrated on the outputs of blocks 0..i−1 *after* they were quantized, so later blocks
+learn to absorb earlier error, and peak memory is the model plus one set of block activations
+[nsamples, seqlen, hidden] (inputs and outputs), never all blocks' at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from lowbit.algorithms import get_method
+from lowbit.algorithms.mixed_precision import LayerSensitivity, choose_primary, sensitivity
+from lowbit.calibration.sampling import self_generated_windows
+from lowbit.calibration.statistics import (
+    HessianAccumulator,
+    activation_second_moments,
+    capture_block_inputs,
+    collect_hessians,
+    empirical_fisher,
+    run_block,
+)
+from lowbit.models.architectures import architecture_of, decoder_blocks
+from lowbit.models.loader import check_finite
+from lowbit.pipeline.recipe import Recipe, compress_recipe
+from lowbit.pipeline.targets import Targets, select_targets
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
+from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.grid import QuantizedWeight, group_size_fallback, resolve_group_size
+
+
+@dataclass
+class LayerReport:
+    name: str
+    parameters: int
+    scheme: str
+    bits: int
+    loss: Optional[float] = None  # the method's own layer loss (GPTQ: ‖(W − Ŵ) X‖²), where it has one
+    sensitivity: Optional[float] = None  # under ratio < 1
+    ranked: bool = True  # counts towards ``ratio`` (embeddings and an untied head only when ranked)
+    fallback: Optional[str] = None  # why the layer's group size is not the requested one
+
+
+@dataclass
+class QuantizationReport:
+    recipe: Recipe
+    layers: list[LayerReport] = field(default_factory=list)
+    self_generated: bool = False  # the Fisher ranking ran on sequences the model sampled itself
+
+    @property
+    def fallbacks(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.fallback]
+
+    def distribution(self) -> list[dict]:
+        """Share of parameters and of layers at each scheme (the table NNCF prints): over all
+        quantized layers, and over the ratio-defining ones."""
+        total_params = sum(layer.parameters for layer in self.layers) or 1
+        ranked_params = sum(layer.parameters for layer in self.layers if layer.ranked) or 1
+        rows = []
+        for scheme in sorted({layer.scheme for layer in self.layers}):
+            members = [layer for layer in self.layers if layer.scheme == scheme]
+            rows.append({
+                "scheme": scheme,
+                "parameters_pct": 100.0 * sum(layer.parameters for layer in members) / total_params,
+                "ratio_defining_pct": 100.0 * sum(layer.parameters for layer in members if layer.ranked) / ranked_params,
+                "layers_pct": 100.0 * len(members) / len(self.layers),
+                "layers": len(members),
+            })
+        return rows
+
+
+class _Rounder:
+    """Rounds one layer's weight on the primary scheme or the backup, and swaps the module."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, report: QuantizationReport, primary: set[str]):
+        self.model, self.recipe, self.report, self.primary = model, recipe, report, primary
+        self.cache: dict[str, tuple[QuantizedWeight, Optional[float]]] = {}  # primary roundings made while ranking
+        self.scores: dict[str, float] = {}
+
+    def round(self, name: str, W: torch.Tensor, H: Optional[torch.Tensor], on_primary: bool):
+        """(QuantizedWeight, loss, fallback notice) of W [out, in]."""
+        check_finite(f"layer {name}", W)
+        method, requested = self.recipe.method, self.recipe.scheme.weights
+        if not on_primary:
+            backup = get_method("rtn") if method.own_grid else method
+            return (*backup.quantize(W, None, self.recipe.backup), None)
+        args = resolve_group_size(requested, W.shape[1])
+        qw, loss = self.cache.pop(name, None) or method.quantize(W, H, args)
+        return qw, loss, group_size_fallback(requested, args, W.shape[1])
+
+    def linear(self, name: str, linear: nn.Linear, H: Optional[torch.Tensor] = None, ranked: bool = True) -> None:
+        on_primary = name in self.primary
+        qw, loss, fallback = self.round(name, linear.weight.data, H, on_primary)
+        replace_module(self.model, name, QuantLinear.from_quantized(qw, linear.bias))
+        self._note(name, linear.weight, qw.args, loss, ranked, fallback)
+
+    def embedding(self, name: str, embedding: nn.Embedding, tied_head: Optional[str], ranked: bool) -> None:
+        """The table, and a tied head reading the same quantized table."""
+        qw, loss, fallback = self.round(name, embedding.weight.data, None, name in self.primary)
+        replace_module(self.model, name, QuantEmbedding.from_quantized(qw, getattr(embedding, "embed_scale", None)))
+        if tied_head is not None:
+            replace_module(self.model, tied_head, QuantLinear.from_quantized(qw))
+        self._note(name, embedding.weight, qw.args, loss, ranked, fallback)
+
+    def _note(self, name, weight, args: QuantizationArgs, loss, ranked: bool, fallback) -> None:
+        self.report.layers.append(LayerReport(
+            name, weight.numel(), args.describe(), args.num_bits, loss, self.scores.get(name), ranked, fallback
+        ))
+
+
+def _rank(model: nn.Module, recipe: Recipe, ranked: dict[str, nn.Module], rounder: _Rounder,
+          calibration: Optional[torch.Tensor], report: QuantizationReport) -> set[str]:
+    """Names of the layers that get the primary scheme: all, or under ``ratio`` the least sensitive."""
+    if recipe.ratio >= 1.0:
+        return set(ranked)
+    metric = recipe.sensitivity_metric
+    moments = fisher = None
+    if metric == "hessian_input_activation":
+        moments = activation_second_moments(model, [n for n, m in ranked.items() if isinstance(m, nn.Linear)], calibration)
+    if metric == "fisher":
+        report.self_generated = calibration is None
+        fisher = empirical_fisher(model, list(ranked), self_generated_windows(model) if calibration is None else calibration)
+    layers = []
+    for name, module in ranked.items():
+        W = module.weight.data
+        qw, loss, _ = rounder.round(name, W, None, on_primary=True)
+        rounder.cache[name] = (qw, loss)
+        act = None if moments is None else moments.get(name)
+        score = sensitivity(W, qw.dequantize(torch.float32), act, None if fisher is None else fisher.pop(name))
+        rounder.scores[name] = score
+        layers.append(LayerSensitivity(name, W.numel(), score))
+    chosen = choose_primary(layers, recipe.ratio)
+    for name in set(ranked) - chosen:
+        rounder.cache.pop(name)
+    return chosen
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: Optional[torch.Tensor] = None,
+    batch_size: int = 8,
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> QuantizationReport:
+    """Apply ``recipe`` to ``model`` in place; ``calibration``: token windows [n, seqlen] (None: no data)."""
+    recipe = recipe.checked(has_data=calibration is not None)
+    targets = select_targets(model, recipe.ignore, recipe.embeddings, recipe.include_lm_head)
+    report = QuantizationReport(recipe)
+    rounder = _Rounder(model, recipe, report, set())
+    extra_ranked = recipe.embeddings == "ranked"
+    rounder.primary = _rank(model, recipe, targets.ranked(extra_ranked), rounder, calibration, report)
+    outputs = _quantize_blocks(model, recipe, targets, rounder, calibration, batch_size, on_step)
+    for name, module in targets.extra.items():
+        if isinstance(module, nn.Embedding):
+            rounder.embedding(name, module, targets.tied_head, extra_ranked)
+        else:
+            rounder.linear(name, module, ranked=extra_ranked)
+    if targets.lm_head is not None:
+        _quantize_lm_head(model, targets.lm_head, rounder, outputs)
+    return report
+
+
+def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder, calibration, batch_size, on_step):
+    """Steps 3 of the module docstring; the last block's outputs (None without data)."""
+    method = recipe.method
+    _, blocks = decoder_blocks(model)
+    arch = architecture_of(model)
+    inputs = block_kwargs = None
+    if method.needs_calibration:
+        inputs, block_kwargs = capture_block_inputs(model, blocks, list(calibration.split(batch_size)))
+    for i, block in enumerate(blocks):
+        linears = targets.blocks[i]
+        calls = None if inputs is None else list(zip(inputs, block_kwargs[i]))
+        if method.transform is not None:
+            method.transform(block, calls, recipe.scheme.weights, arch.smoothing, arch.norm_offset)
+        hessians = collect_hessians(block, linears, calls) if calls is not None and method.uses_hessian else {}
+        for name, linear in linears.items():
+            rounder.linear(name, linear, hessians.get(name))
+        if calls is not None and (i + 1 < len(blocks) or targets.lm_head is not None):
+            inputs = run_block(block, calls)
+        if on_step:
+            on_step(i + 1, len(blocks))
+    return inputs
+
+
+def _quantize_lm_head(model: nn.Module, name: str, rounder: _Rounder, last_outputs) -> None:
+    """The output projection on the final-norm activations; a tied embedding stays full precision."""
+    head = model.get_submodule(name)
+    H = None
+    if last_outputs is not None:
+        norm = model.get_submodule(architecture_of(model).final_norm)
+        acc = HessianAccumulator(head.in_features)
+        for x in last_outputs:
+            acc.add(norm(x))
+        H = acc.H
+    rounder.primary.add(name)
+    rounder.linear(name, head, H, ranked=False)
+    model.config.tie_word_embeddings = False
+
+
+def compress_weights(
+    model: nn.Module,
+    mode: str = "int4_sym",
+    group_size: Optional[int] = 128,
+    ratio: float = 1.0,
+    sensitivity_metric: Optional[str] = None,
+    all_layers: bool = False,
+    dataset: Optional[torch.Tensor] = None,
+    method: str = "rtn",
+    ignore: tuple = (),
+    on_step: Optional[Callable[[int, int], None]] = None,
+) -> QuantizationReport:
+    """NNCF-style data-free compression of a loaded model in place:
+    ``lowbit.compress_weights(model, mode="int4_asym", group_size=64, ratio=0.9)``.
+
+    ``ratio`` of the decoder's parameters land on the ``mode`` grid, the most sensitive rest in int8
+    (see :mod:`lowbit.algorithms.mixed_precision`); the embedding table (and an lm_head tied to it,
+    which then reads the same quantized table) and an untied lm_head are int8 per-channel, unless
+    ``all_layers`` ranks them with the rest. ``dataset``: token windows [n, seqlen] for data-aware
+    sensitivity (default metric then ``fisher``); without it ``weight_error``, or ``fisher`` on
+    sequences the model samples itself (~40 s for SmolLM2). ``method``: any data-free method.
+    """
+    recipe = compress_recipe(mode, group_size, ratio, method, sensitivity_metric, all_layers, tuple(ignore))
+    return quantize_model(model, recipe, dataset, on_step=on_step)

@@ -1,0 +1,119 @@
+"""A recipe: everything one quantization run does to a model, checked before any work.
+
+``lowbit quantize`` and ``lowbit compress`` are two front-ends that build a recipe; the pipeline
+(:func:`lowbit.pipeline.quantize.quantize_model`) is the one body that applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from lowbit.algorithms import Method, data_free_methods, get_method
+from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS
+from lowbit.errors import LowbitError
+from lowbit.schemes.args import QuantizationArgs, QuantizationScheme, mode_scheme
+
+# the precision of layers kept out of the primary scheme (too sensitive, or embeddings), as in NNCF
+BACKUP = QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None, observer="minmax")
+EXTRA_LAYERS = (None, "backup", "ranked")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize, onto which grid, by which method.
+
+    ``ratio``: share of the ranked parameters on ``scheme``; the most sensitive rest (by
+    ``sensitivity_metric``) gets ``backup``. ``embeddings``: the embedding table and an untied
+    ``lm_head``: None keeps them in full precision, "backup" puts them at ``backup``, "ranked" ranks
+    them with the decoder's linears (a tied head reads the embedding's quantized table).
+    ``include_lm_head``: the head on ``scheme``, calibrated on the final norm's outputs (its tied
+    embedding stays full precision). ``ignore``: module names or ``re:`` patterns left alone.
+    ``kv_cache_scheme`` (compressed-tensors' name) is where a quantized KV cache attaches, as
+    ``scheme.input_activations`` is for activations: neither is implemented yet, so both are refused.
+    ``preset``: the compress mode the scheme came from, for the record.
+    """
+
+    scheme: QuantizationScheme
+    method: Method
+    ratio: float = 1.0
+    sensitivity_metric: Optional[str] = None
+    embeddings: Optional[str] = None
+    include_lm_head: bool = False
+    ignore: tuple = ()
+    backup: QuantizationArgs = BACKUP
+    kv_cache_scheme: Optional[QuantizationArgs] = None
+    preset: Optional[str] = None
+
+    def checked(self, has_data: bool) -> "Recipe":
+        """This recipe with its defaults filled in (act-order dropped where the method has no column
+        order, the sensitivity metric chosen), or a :class:`LowbitError` saying what is wrong."""
+        method, weights = self.method, self.scheme.weights
+        problem = method.unsuitable(weights)
+        if problem:
+            raise LowbitError(problem)
+        if method.needs_calibration and not has_data:
+            raise LowbitError(f"method {method.name} needs calibration text: pass --calib")
+        if self.scheme.input_activations is not None:
+            raise LowbitError("activation quantization (input_activations) is not implemented yet; weights only")
+        if self.kv_cache_scheme is not None:
+            raise LowbitError("KV-cache quantization (kv_cache_scheme) is not implemented yet")
+        if self.embeddings not in EXTRA_LAYERS:
+            raise LowbitError(f"embeddings must be one of {EXTRA_LAYERS}, got {self.embeddings!r}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise LowbitError(f"ratio must be between 0 and 1, got {self.ratio}")
+        metric = self.sensitivity_metric
+        if metric is not None and metric not in SENSITIVITY_METRICS:
+            raise LowbitError(
+                f"sensitivity metric {metric!r} is not supported; choose one of {', '.join(SENSITIVITY_METRICS)}"
+            )
+        if self.ratio < 1.0:
+            if method.needs_calibration:
+                raise LowbitError(f"mixed precision by ratio takes a data-free method; {method.name} needs data")
+            metric = metric or ("fisher" if has_data else "weight_error")
+            if metric == "hessian_input_activation" and not has_data:
+                raise LowbitError("sensitivity metric 'hessian_input_activation' needs a dataset (calibration text)")
+        else:
+            metric = None
+        scheme = self.scheme
+        if weights.actorder and not method.uses_actorder:
+            scheme = replace(scheme, weights=replace(weights, actorder=None))
+        return replace(self, scheme=scheme, sensitivity_metric=metric)
+
+    def describe(self) -> str:
+        what = self.scheme.describe() if self.preset is None else f"{self.preset} g{self.scheme.weights.group_size}"
+        if self.preset and self.scheme.weights.group_size is None:
+            what = f"{self.preset} per-channel"
+        return f"{what} ratio {self.ratio}" if self.ratio < 1.0 or self.preset else what
+
+    def record(self) -> dict:
+        """The recipe as the checkpoint's ``lowbit_recipe.json`` states it."""
+        return {
+            "method": self.method.name,
+            "scheme": self.scheme.describe(),
+            "mode": self.preset,
+            "weights": self.scheme.weights.to_dict(),
+            "input_activations": None,
+            "kv_cache_scheme": None,
+            "ratio": self.ratio,
+            "backup": self.backup.describe() if self.ratio < 1.0 or self.embeddings else None,
+            "sensitivity_metric": self.sensitivity_metric,
+            "embeddings": self.embeddings,
+            "lm_head_quantized": self.include_lm_head,
+            "ignored": list(self.ignore),
+        }
+
+
+def compress_recipe(
+    mode: str = "int4_sym", group_size: Optional[int] = 128, ratio: float = 1.0, method: str = "rtn",
+    sensitivity_metric: Optional[str] = None, all_layers: bool = False, ignore: tuple = (),
+) -> Recipe:
+    """``lowbit compress``'s recipe: a mode preset, a data-free method, int8 embeddings (ranked with
+    the decoder's linears under ``all_layers``)."""
+    if method.lower() not in data_free_methods():
+        raise LowbitError(f"compress takes a data-free method ({', '.join(data_free_methods())}); got {method!r}")
+    return Recipe(
+        scheme=mode_scheme(mode, group_size or None), method=get_method(method), ratio=ratio,
+        sensitivity_metric=sensitivity_metric, embeddings="ranked" if all_layers else "backup", ignore=tuple(ignore),
+        preset=mode,
+    )
