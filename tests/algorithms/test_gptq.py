@@ -33,14 +33,6 @@ def test_gptq_beats_rtn_on_the_layer_output(bits, group, sym, actorder):
     assert loss > 0
 
 
-def test_hessian_accumulator_is_the_mean_outer_product():
-    X = torch.randn(100, 8)
-    acc = HessianAccumulator(8)
-    acc.add(X[:30])
-    acc.add(X[30:])
-    torch.testing.assert_close(acc.H, 2 * X.T @ X / 100, rtol=1e-5, atol=1e-5)
-
-
 def test_dead_inputs_do_not_break_the_factorisation():
     W = torch.randn(16, 64)
     X = correlated_inputs(512, 64)
