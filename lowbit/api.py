@@ -17,6 +17,7 @@ from lowbit.data.corpora import calibration_text, evaluation_text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
 from lowbit.evaluation.perplexity import perplexity
+from lowbit.evaluation.tasks import get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import decoder_blocks
@@ -56,6 +57,8 @@ class EvalResult:
     model: str
     quantized: bool
     perplexity: Optional[float]
+    bits_per_byte: Optional[float]
+    word_perplexity: Optional[float]
     eval_tokens: Optional[int]
     seqlen: int
     corpus: Optional[str]
@@ -66,6 +69,7 @@ class EvalResult:
     eval_time_s: float
     peak_rss_bytes: int
     recipe: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)  # name → TaskResult.to_dict()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,14 +221,18 @@ def consumer_notes(scheme: QuantizationScheme) -> list[str]:
     return []
 
 
-def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int):
-    """Refuse bad evaluation options before any model is loaded; the held-out text (None without ``ppl``)."""
+def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (), seed: int = 0):
+    """Refuse bad evaluation options before any model is loaded: (held-out text or None, {task: items})."""
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
     _check_batch_size(batch_size)
-    return evaluation_text(ppl) if ppl else None
+    chosen = get_tasks(list(tasks))
+    if chosen and not ppl:
+        raise LowbitError("tasks are built from a held-out text: pass --ppl TEXT (e.g. austen)")
+    text = evaluation_text(ppl) if ppl else None
+    return text, {task.name: (task, task.build(text, seed)) for task in chosen}
 
 
 def evaluate(
@@ -237,9 +245,13 @@ def evaluate(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    tasks: tuple = (),
+    seed: int = 0,
 ) -> EvalResult:
-    """Perplexity on the held-out part of ``ppl`` plus size, bits/weight, peak memory and time."""
-    text = check_eval_inputs(ppl, seqlen, dtype, batch_size)
+    """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl``, the offline
+    ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error), plus size,
+    bits/weight, peak memory and time."""
+    text, task_items = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed)
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
@@ -248,10 +260,16 @@ def evaluate(
     if text is not None:
         with progress_bar(f"perplexity {text.corpus}", progress) as step:
             result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step)
+    scores = {}
+    for name, (task, items) in task_items.items():
+        with progress_bar(f"{name} {text.corpus}", progress) as step:
+            scores[name] = task.score(hf_model, tokenizer, items, text.corpus, batch_size, on_batch=step).to_dict()
     return EvalResult(
         model=model,
         quantized=source.quantized,
         perplexity=None if result is None else result.perplexity,
+        bits_per_byte=None if result is None else result.bits_per_byte,
+        word_perplexity=None if result is None else result.word_perplexity,
         eval_tokens=None if result is None else result.tokens,
         seqlen=seqlen,
         corpus=None if result is None else result.corpus,
@@ -262,4 +280,5 @@ def evaluate(
         eval_time_s=time.perf_counter() - start - load_time,
         peak_rss_bytes=peak_rss_bytes(),
         recipe=read_record(path) if path is not None and path.is_dir() else {},
+        tasks=scores,
     )

@@ -13,6 +13,7 @@ import typer
 
 from lowbit import __version__
 from lowbit.algorithms import methods_help
+from lowbit.evaluation.tasks import TASKS
 from lowbit.schemes.args import MODES
 from lowbit.errors import LowbitError
 
@@ -154,20 +155,26 @@ def evaluate(
     seqlen: int = typer.Option(512, help="tokens per window"),
     max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens (default: all)"),
     dtype: str = typer.Option("float32", help="compute dtype: float32, bfloat16, float16"),
-    batch_size: int = typer.Option(4, help="windows per forward pass"),
+    batch_size: int = typer.Option(4, help="windows (or task requests ÷ 2) per forward pass"),
+    tasks: str = typer.Option("", help="comma-separated offline tasks built from --ppl's held-out text: "
+                              + "; ".join(f"{t.name}: {t.summary}" for t in TASKS.values())),
+    seed: int = typer.Option(0, help="seed of the task items' construction"),
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
 ):
-    """Perplexity on held-out text, size, bits per weight, peak memory and time."""
+    """Perplexity, bits per byte and word perplexity on held-out text, task accuracy ± standard error,
+    size, bits per weight, peak memory and time."""
     from lowbit import api
     from lowbit.cli.report import emit_json, eval_table, print_table
 
     _quiet_transformers()
     failed = 0
+    task_names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if len(models) > 1:
-        api.check_eval_inputs(ppl, seqlen, dtype, batch_size)
+        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed)
         argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
+        argv += ["--tasks", ",".join(task_names), "--seed", str(seed)] if task_names else []
         argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
         argv += ["--allow-pickle"] if allow_pickle else []
         argv += ["--trust-remote-code"] if trust_remote_code else []
@@ -179,7 +186,8 @@ def evaluate(
     else:
         results = [
             api.evaluate(
-                models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code
+                models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code,
+                tasks=task_names, seed=seed,
             ).to_dict()
         ]
     if results and as_json:

@@ -58,8 +58,11 @@ def distribution_table(result: dict) -> Table:
 def eval_table(results: Iterable[dict]) -> Table:
     results = list(results)
     base = next((r["perplexity"] for r in results if r["perplexity"] is not None), None)
+    metrics = sorted({(task, m) for r in results for task, t in r.get("tasks", {}).items() for m in t["metrics"]})
     table = Table(title=f"lowbit eval ({results[0]['corpus'] or 'no text'}, held-out, seqlen {results[0]['seqlen']})")
-    for column in ("model", "perplexity", "vs first", "bits/weight", "size", "tokens", "load s", "eval s", "peak RSS"):
+    columns = ["model", "perplexity", "vs first", "bits/byte", "word ppl", *(f"{t} {m}" for t, m in metrics),
+               "bits/weight", "size", "tokens", "load s", "eval s", "peak RSS"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for r in results:
         ppl = r["perplexity"]
@@ -67,6 +70,9 @@ def eval_table(results: Iterable[dict]) -> Table:
             r["model"],
             "-" if ppl is None else f"{ppl:.2f}",
             "-" if ppl is None or not base else f"{ppl / base:.3f}x",
+            "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}",
+            "-" if r.get("word_perplexity") is None else f"{r['word_perplexity']:.2f}",
+            *(accuracy(r.get("tasks", {}).get(t), m) for t, m in metrics),
             f"{r['bits_per_weight']:.2f}",
             mb(r["size_bytes"]),
             "-" if r["eval_tokens"] is None else f"{r['eval_tokens']:,}",
@@ -75,6 +81,13 @@ def eval_table(results: Iterable[dict]) -> Table:
             gb(r["peak_rss_bytes"]),
         )
     return table
+
+
+def accuracy(task: dict | None, metric: str) -> str:
+    """"0.412 ± 0.025 (n=400)": an accuracy with its standard error."""
+    if not task:
+        return "-"
+    return f"{task['metrics'][metric]:.3f} ± {task['stderr'][metric]:.3f} (n={task['items']})"
 
 
 def speed_table(r: dict) -> Table:

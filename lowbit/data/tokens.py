@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from lowbit.data.corpora import _Text
@@ -21,10 +23,24 @@ def _pieces(document: str):
         start = end
 
 
-def token_stream(text: _Text, tokenizer) -> torch.Tensor:
-    """All tokens of ``text`` (documents joined by a blank line) as one 1-D tensor, without special tokens."""
+def tokenize_text(text: _Text, tokenizer) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """All tokens of ``text`` (documents joined by a blank line) as one 1-D tensor, without special
+    tokens, and for each token the index in ``text.text`` just after its last character (None for a
+    tokenizer without offsets, i.e. not a "fast" one)."""
+    fast = getattr(tokenizer, "is_fast", False)
     ids: list[int] = []
+    ends: list[int] = []
+    start = 0
     for i, document in enumerate(text.documents):
         for piece in _pieces(("\n\n" if i else "") + document):
-            ids.extend(tokenizer(piece, add_special_tokens=False).input_ids)
-    return torch.tensor(ids, dtype=torch.long)
+            encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=fast)
+            ids.extend(encoded.input_ids)
+            if fast:
+                ends.extend(start + end for _, end in encoded.offset_mapping)
+            start += len(piece)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(ends, dtype=torch.long) if fast else None
+
+
+def token_stream(text: _Text, tokenizer) -> torch.Tensor:
+    """The tokens of :func:`tokenize_text` alone."""
+    return tokenize_text(text, tokenizer)[0]

@@ -7,11 +7,20 @@ The evaluation text is concatenated and tokenized once, cut into non-overlapping
 
 If the tokenizer starts texts with BOS (Gemma, Llama-2), each window is BOS + (seqlen − 1)
 text tokens; BOS is only ever an input, never a scored target.
+
+Token perplexity depends on the tokenizer, so two units that do not are reported too, as
+lm-evaluation-harness does for wikitext: over the text the scored tokens cover (from the end of
+each window's unscored first token to the end of its last), B its UTF-8 bytes and W its words
+(a word counts in the window that scores its last character),
+
+    bits per byte = Σ −log p / (B · ln 2)          word perplexity = exp( Σ −log p / W )
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,7 +29,7 @@ import torch.nn.functional as F
 
 from lowbit.calibration.sampling import _wants_bos
 from lowbit.data.corpora import EvaluationText
-from lowbit.data.tokens import token_stream
+from lowbit.data.tokens import tokenize_text
 from lowbit.errors import LowbitError
 
 
@@ -31,14 +40,40 @@ class PerplexityResult:
     windows: int
     seqlen: int
     corpus: str
+    bits_per_byte: Optional[float] = None  # None: the tokenizer gives no character offsets
+    word_perplexity: Optional[float] = None
+    bytes: Optional[int] = None
+    words: Optional[int] = None
 
 
-def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens: Optional[int]) -> torch.Tensor:
+@dataclass(frozen=True)
+class Windows:
+    """Token windows [n, seqlen] and, where known, the UTF-8 bytes and words their scored tokens cover."""
+
+    ids: torch.Tensor
+    bytes: Optional[int]
+    words: Optional[int]
+
+
+def _scored_text(text: str, ends: torch.Tensor, n: int, body: int, bos: bool) -> tuple[int, int]:
+    """(bytes, words) of the characters the scored tokens cover (see the module docstring)."""
+    word_ends = [m.end() for m in re.finditer(r"\S+", text)]
+    total_bytes = words = 0
+    for w in range(n):
+        first = w * body + (0 if bos else 1)  # index of the first scored text token
+        start = int(ends[first - 1]) if first > 0 else 0
+        stop = int(ends[(w + 1) * body - 1])
+        total_bytes += len(text[start:stop].encode())
+        words += bisect.bisect_right(word_ends, stop) - bisect.bisect_right(word_ends, start)
+    return total_bytes, words
+
+
+def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens: Optional[int]) -> Windows:
     if not isinstance(text, EvaluationText):
         raise TypeError("perplexity needs an EvaluationText (see lowbit.data.corpora.evaluation_text)")
     bos = tokenizer.bos_token_id if _wants_bos(tokenizer) else None
     body = seqlen - 1 if bos is not None else seqlen
-    ids = token_stream(text, tokenizer)
+    ids, ends = tokenize_text(text, tokenizer)
     if max_tokens:
         ids = ids[: max(max_tokens, body)]
     n = ids.numel() // body
@@ -47,7 +82,8 @@ def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens:
     windows = ids[: n * body].reshape(n, body)
     if bos is not None:
         windows = torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
-    return windows
+    covered = (None, None) if ends is None else _scored_text(text.text, ends, n, body, bos is not None)
+    return Windows(windows, *covered)
 
 
 @torch.no_grad()
@@ -60,8 +96,9 @@ def perplexity(
     batch_size: int = 4,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> PerplexityResult:
-    """Token-level perplexity of ``model`` on the held-out ``text``."""
-    windows = evaluation_windows(text, tokenizer, seqlen, max_tokens)
+    """Token-level perplexity of ``model`` on the held-out ``text``, bits per byte and word perplexity."""
+    scored = evaluation_windows(text, tokenizer, seqlen, max_tokens)
+    windows = scored.ids
     nll, count = 0.0, 0
     for i, batch in enumerate(windows.split(batch_size)):
         logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -76,4 +113,9 @@ def perplexity(
         count += targets.numel()
         if on_batch:
             on_batch(min((i + 1) * batch_size, len(windows)), len(windows))
-    return PerplexityResult(math.exp(nll / count), count, len(windows), windows.shape[1], text.corpus)
+    return PerplexityResult(
+        math.exp(nll / count), count, len(windows), windows.shape[1], text.corpus,
+        bits_per_byte=None if not scored.bytes else nll / (scored.bytes * math.log(2)),
+        word_perplexity=None if not scored.words else math.exp(nll / scored.words),
+        bytes=scored.bytes, words=scored.words,
+    )

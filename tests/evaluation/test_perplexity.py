@@ -14,7 +14,7 @@ def test_perplexity_is_exp_of_mean_token_nll_over_non_overlapping_windows(tiny_t
     model = make_model(len(tiny_tokenizer))
     text = evaluation_text(str(text_file))
     result = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=3)
-    windows = evaluation_windows(text, tiny_tokenizer, 16, None)
+    windows = evaluation_windows(text, tiny_tokenizer, 16, None).ids
     with torch.no_grad():
         logits = model(input_ids=windows).logits
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
@@ -24,17 +24,37 @@ def test_perplexity_is_exp_of_mean_token_nll_over_non_overlapping_windows(tiny_t
 
 def test_max_tokens_limits_the_windows(tiny_tokenizer, text_file):
     text = evaluation_text(str(text_file))
-    assert evaluation_windows(text, tiny_tokenizer, 16, 64).shape == (4, 16)
+    assert evaluation_windows(text, tiny_tokenizer, 16, 64).ids.shape == (4, 16)
 
 
 def test_bos_is_prepended_to_each_window_when_the_tokenizer_wants_it(tiny_tokenizer, text_file, monkeypatch):
     from lowbit.evaluation import perplexity as module
 
     monkeypatch.setattr(module, "_wants_bos", lambda tok: True)
-    windows = evaluation_windows(evaluation_text(str(text_file)), tiny_tokenizer, 16, None)
+    windows = evaluation_windows(evaluation_text(str(text_file)), tiny_tokenizer, 16, None).ids
     assert torch.all(windows[:, 0] == tiny_tokenizer.bos_token_id)
 
 
 def test_perplexity_refuses_calibration_text(tiny_tokenizer, text_file):
     with pytest.raises(TypeError):
         perplexity(make_model(len(tiny_tokenizer)), tiny_tokenizer, calibration_text(str(text_file)))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_bits_per_byte_and_word_perplexity_count_the_text_the_scored_tokens_cover(tiny_tokenizer, text_file,
+                                                                                   monkeypatch, bos):
+    from lowbit.evaluation import perplexity as module
+
+    monkeypatch.setattr(module, "_wants_bos", lambda tok: bos)
+    model = make_model(len(tiny_tokenizer))
+    text = evaluation_text(str(text_file))
+    result = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=3)
+    windows = evaluation_windows(text, tiny_tokenizer, 16, None).ids
+    body = windows[:, 1:]  # the scored tokens; the text is ASCII and byte-level, so they decode to their bytes
+    assert result.bytes == sum(len(tiny_tokenizer.decode(w).encode()) for w in body)
+    nll = math.log(result.perplexity) * result.tokens
+    assert result.bits_per_byte == pytest.approx(nll / (result.bytes * math.log(2)), rel=1e-6)
+    assert result.word_perplexity == pytest.approx(math.exp(nll / result.words), rel=1e-6)
+    covered = tiny_tokenizer.decode(windows[:, int(bos):].reshape(-1))
+    # each word is counted once, in the window scoring its last character; at most one per window ends unscored
+    assert len(covered.split()) - len(windows) <= result.words <= len(covered.split())

@@ -1,0 +1,65 @@
+"""Continuation log-likelihoods as lm-evaluation-harness computes them, batched or not."""
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.evaluation.loglikelihood import encode_pair, loglikelihoods
+
+from ..conftest import make_model
+
+REQUESTS = [("It is a truth universally", " acknowledged"), ("a single man in possession of a good ", "fortune"),
+            ("must be in", " want of a wife."), ("their", " daughters")]
+
+
+def _by_hand(model, tokenizer, context, continuation):
+    c, x = encode_pair(tokenizer, context, continuation, None)
+    ids = torch.tensor([c + x])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    rows = logprobs[len(c) - 1 : len(c) + len(x) - 1]
+    target = torch.tensor(x)
+    return float(rows[torch.arange(len(x)), target].sum()), bool((rows.argmax(-1) == target).all()), \
+        bool(rows[-1].argmax() == target[-1])
+
+
+def test_trailing_context_space_moves_to_the_continuation(tiny_tokenizer):
+    c, x = encode_pair(tiny_tokenizer, "a good ", "fortune", None)
+    c2, x2 = encode_pair(tiny_tokenizer, "a good", " fortune", None)
+    assert (c, x) == (c2, x2)
+    whole = tiny_tokenizer("a good fortune", add_special_tokens=False).input_ids
+    assert c + x == whole
+    assert encode_pair(tiny_tokenizer, "a good", " fortune", 7)[0] == [7] + c
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size):
+    model = make_model(len(tiny_tokenizer))
+    scored = loglikelihoods(model, tiny_tokenizer, REQUESTS, batch_size=batch_size)
+    for (context, continuation), s in zip(REQUESTS, scored):
+        ll, greedy, last = _by_hand(model, tiny_tokenizer, context, continuation)
+        assert s.loglikelihood == pytest.approx(ll, rel=1e-4, abs=1e-4)
+        assert (s.greedy, s.last_greedy) == (greedy, last)
+        assert s.tokens == len(encode_pair(tiny_tokenizer, context, continuation, None)[1])
+
+
+def test_a_model_that_repeats_the_text_is_greedy_everywhere(tiny_tokenizer):
+    """A model whose next token is the one after it in the request (a lookup table) scores greedy."""
+    context, continuation = REQUESTS[0]
+    c, x = encode_pair(tiny_tokenizer, context, continuation, None)
+    ids = c + x
+    table = torch.full((len(tiny_tokenizer), len(tiny_tokenizer)), -10.0)
+    for a, b in zip(ids[:-1], ids[1:]):
+        table[a, b] = 10.0
+
+    class Lookup(torch.nn.Module):
+        def forward(self, input_ids, **kw):
+            return type("Out", (), {"logits": table[input_ids]})()
+
+    (s,) = loglikelihoods(Lookup(), tiny_tokenizer, [(context, continuation)])
+    assert s.greedy and s.last_greedy and s.loglikelihood > -0.01 * len(x)
+
+
+def test_an_empty_continuation_is_refused(tiny_tokenizer):
+    with pytest.raises(LowbitError, match="encodes to no tokens"):
+        loglikelihoods(make_model(len(tiny_tokenizer)), tiny_tokenizer, [("a good", "")])
