@@ -10,11 +10,13 @@ accuracy: the text's last token predicted from all before it).
 Encoding follows lm-eval: trailing whitespace of the context moves to the continuation; the pair
 is encoded whole and the context alone, and the continuation is the tokens after the context's;
 BOS comes first when the tokenizer puts it there; a request longer than ``max_length`` keeps its
-last tokens. Requests run longest first in right-padded batches.
+last tokens. Requests run longest first in left-padded batches (positions counted from each
+row's first real token), and only the rows that score a continuation get logits.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -61,6 +63,7 @@ def loglikelihoods(
             raise LowbitError(f"continuation {continuation!r} after {context[-40:]!r} encodes to no tokens")
     inputs = [(c + x)[-(max_length + 1):][:-1] for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     results: list[Optional[Scored]] = [None] * len(pairs)
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]
@@ -68,13 +71,16 @@ def loglikelihoods(
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, i in enumerate(batch):
-            ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
-            mask[row, : len(inputs[i])] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            ids[row, width - len(inputs[i]):] = torch.tensor(inputs[i])
+            mask[row, width - len(inputs[i]):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        keep = max(len(pairs[i][1]) for i in batch)
+        extra = {"logits_to_keep": keep} if keeps_logits else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
+        logits = logits[:, -keep:]
         for row, i in enumerate(batch):
             target = torch.tensor(pairs[i][1])
-            end = len(inputs[i])
-            logprobs = torch.log_softmax(logits[row, end - len(target) : end].float(), dim=-1)
+            logprobs = torch.log_softmax(logits[row, keep - len(target):].float(), dim=-1)
             ll = float(logprobs.gather(1, target[:, None]).sum())
             if not math.isfinite(ll):
                 raise LowbitError("the model's log-likelihood is not finite (NaN/Inf logits): no accuracy to report")

@@ -32,9 +32,20 @@ def test_trailing_context_space_moves_to_the_continuation(tiny_tokenizer):
     assert encode_pair(tiny_tokenizer, "a good", " fortune", 7)[0] == [7] + c
 
 
+def _tiny_gemma3(vocab: int):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding window shorter than the padding
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size):
-    model = make_model(len(tiny_tokenizer))
+def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size, family):
+    model = make_model(len(tiny_tokenizer)) if family == "llama" else _tiny_gemma3(len(tiny_tokenizer))
     scored = loglikelihoods(model, tiny_tokenizer, REQUESTS, batch_size=batch_size)
     for (context, continuation), s in zip(REQUESTS, scored):
         ll, greedy, last = _by_hand(model, tiny_tokenizer, context, continuation)
