@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from lowbit.evaluation.perplexity import perplexity
 from lowbit.evaluation.tasks import get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
-from lowbit.models.architectures import decoder_blocks
+from lowbit.models.architectures import architecture_for, decoder_blocks
 from lowbit.models.loader import load_model, resolve
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.recipe import Recipe, compress_recipe
@@ -198,6 +199,13 @@ def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
             f"{model} is already a quantized checkpoint; quantize the full-precision model it was made from"
             f" (its lowbit_recipe.json names it, as source_model)"
         )
+    if source.kind == "folder":  # a family without a record is refused before the load
+        try:
+            model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = ""  # unreadable: the loader says why
+        if model_type != "":
+            architecture_for(model_type)
     if output_dir is not None:
         check_output_dir(Path(output_dir), overwrite)
 

@@ -111,14 +111,18 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    model_type = getattr(model.config, "model_type", None)
+def architecture_for(model_type: Optional[str]) -> Architecture:
+    """The record of a ``config.model_type``, or a message naming the supported ones."""
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise LowbitError(
             f"model type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     return arch
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    return architecture_for(getattr(model.config, "model_type", None))
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

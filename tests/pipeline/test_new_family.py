@@ -51,7 +51,11 @@ def registered(monkeypatch):
     monkeypatch.setitem(ARCHITECTURES, "gpt_neox", NEOX)
 
 
-def test_an_unlisted_family_is_refused_before_any_work_naming_the_supported_ones(neox_dir, tmp_path, text_file):
+def test_an_unlisted_family_is_refused_before_any_work_naming_the_supported_ones(neox_dir, tmp_path, text_file,
+                                                                                 monkeypatch):
+    from lowbit import api
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
     with pytest.raises(LowbitError, match=r"'gpt_neox' is not supported; supported: .*llama"):
         lowbit.quantize(str(neox_dir), make_scheme(4, 32), method="gptq", calib=str(text_file),
                         output_dir=tmp_path / "q", progress=False)
