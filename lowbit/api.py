@@ -14,11 +14,12 @@ import torch
 import lowbit
 from lowbit.algorithms import get_method
 from lowbit.calibration.sampling import SELF_GENERATED, CalibrationSpec
-from lowbit.data.corpora import calibration_text, evaluation_text
+from lowbit.data.corpora import EvaluationText, calibration_text, evaluation_text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
 from lowbit.evaluation.perplexity import perplexity
-from lowbit.evaluation.tasks import get_tasks
+from lowbit.evaluation import harness
+from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import architecture_for, decoder_blocks
@@ -229,18 +230,33 @@ def consumer_notes(scheme: QuantizationScheme) -> list[str]:
     return []
 
 
-def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (), seed: int = 0):
-    """Refuse bad evaluation options before any model is loaded: (held-out text or None, {task: items})."""
+@dataclass
+class EvalPlan:
+    """What ``evaluate`` will score, all built before the model loads."""
+
+    text: Optional[EvaluationText]
+    offline: dict  # name → (Task, items)
+    harness: dict  # lm-eval's task dict (empty without lm-eval tasks)
+
+
+def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (),
+                      seed: int = 0, include_path: Optional[str] = None) -> EvalPlan:
+    """Refuse bad evaluation options before any model is loaded, and build what will be scored."""
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
     _check_batch_size(batch_size)
-    chosen = get_tasks(list(tasks))
-    if chosen and not ppl:
-        raise LowbitError("tasks are built from a held-out text: pass --ppl TEXT (e.g. austen)")
+    offline = [name for name in tasks if name in TASKS]
+    others = [name for name in tasks if name not in TASKS]
+    if offline and not ppl:
+        raise LowbitError("offline tasks are built from a held-out text: pass --ppl TEXT (e.g. austen)")
+    if others and not harness.AVAILABLE and not include_path:
+        raise LowbitError(f"unknown task {others[0]!r}; offline tasks: {', '.join(TASKS)}; lm-evaluation-harness"
+                          " tasks need lm-eval: pip install 'lowbit[lm-eval]'")
     text = evaluation_text(ppl) if ppl else None
-    return text, {task.name: (task, task.build(text, seed)) for task in chosen}
+    built = {task.name: (task, task.build(text, seed)) for task in get_tasks(offline)}
+    return EvalPlan(text, built, harness.load_tasks(others, include_path) if others else {})
 
 
 def evaluate(
@@ -255,11 +271,13 @@ def evaluate(
     progress: bool = True,
     tasks: tuple = (),
     seed: int = 0,
+    include_path: Optional[str] = None,
 ) -> EvalResult:
     """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl``, the offline
-    ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error), plus size,
-    bits/weight, peak memory and time."""
-    text, task_items = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed)
+    ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error) or lm-evaluation-harness
+    tasks by name (``include_path``: a folder of task YAMLs), plus size, bits/weight, peak memory and time."""
+    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path)
+    text = plan.text
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
@@ -269,9 +287,11 @@ def evaluate(
         with progress_bar(f"perplexity {text.corpus}", progress) as step:
             result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step)
     scores = {}
-    for name, (task, items) in task_items.items():
+    for name, (task, items) in plan.offline.items():
         with progress_bar(f"{name} {text.corpus}", progress) as step:
             scores[name] = task.score(hf_model, tokenizer, items, text.corpus, batch_size, on_batch=step).to_dict()
+    if plan.harness:
+        scores.update(harness.run_tasks(hf_model, tokenizer, plan.harness, batch_size))
     return EvalResult(
         model=model,
         quantized=source.quantized,

@@ -46,7 +46,6 @@ def encode_pair(tokenizer, context: str, continuation: str, bos: Optional[int]) 
     return prefix + whole[: len(head)], whole[len(head):]
 
 
-@torch.no_grad()
 def loglikelihoods(
     model,
     tokenizer,
@@ -61,6 +60,18 @@ def loglikelihoods(
     for (context, continuation), (c, x) in zip(requests, pairs):
         if not x:
             raise LowbitError(f"continuation {continuation!r} after {context[-40:]!r} encodes to no tokens")
+    return score_tokens(model, pairs, batch_size, max_length, on_batch)
+
+
+@torch.no_grad()
+def score_tokens(
+    model,
+    pairs: list[tuple[list[int], list[int]]],
+    batch_size: int = 8,
+    max_length: int = 2048,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> list[Scored]:
+    """:class:`Scored` of each (context tokens, continuation tokens) pair, already encoded."""
     inputs = [(c + x)[-(max_length + 1):][:-1] for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters

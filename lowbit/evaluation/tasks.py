@@ -3,7 +3,7 @@
     lambada   acc       every token of " " + word is the greedy choice (lm-eval's LAMBADA metric)
               acc_last  the word's last token is the argmax given all before it (Neural Compressor's)
     nextsent  acc       the true ending has the highest log-likelihood of the four
-              acc_norm  the highest log-likelihood per character of " " + ending (lm-eval's HellaSwag acc_norm)
+              acc_norm  the highest log-likelihood per character of the ending (lm-eval's acc_norm)
 
 Standard error of a mean over n items (lm-eval's ``mean_stderr``): s / √n, s the sample standard
 deviation; for an accuracy p that is √(p(1 − p) / (n − 1)).
@@ -61,7 +61,7 @@ def score_next_sentence(model, tokenizer, items: list[ChoiceItem], corpus: str, 
     acc, acc_norm = [], []
     for it in items:
         lls = [next(scored).loglikelihood for _ in it.endings]
-        per_char = [ll / len(" " + ending) for ll, ending in zip(lls, it.endings)]
+        per_char = [ll / len(ending) for ll, ending in zip(lls, it.endings)]
         acc.append(max(range(len(lls)), key=lls.__getitem__) == it.label)
         acc_norm.append(max(range(len(lls)), key=per_char.__getitem__) == it.label)
     return _result("nextsent", corpus, {"acc": acc, "acc_norm": acc_norm})
