@@ -237,16 +237,19 @@ class EvalPlan:
     text: Optional[EvaluationText]
     offline: dict  # name → (Task, items)
     harness: dict  # lm-eval's task dict (empty without lm-eval tasks)
+    limit: Optional[int] = None  # items per task (None: each task's own size)
 
 
 def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (),
-                      seed: int = 0, include_path: Optional[str] = None) -> EvalPlan:
+                      seed: int = 0, include_path: Optional[str] = None, limit: Optional[int] = None) -> EvalPlan:
     """Refuse bad evaluation options before any model is loaded, and build what will be scored."""
     if dtype not in DTYPES:
         raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
     _check_batch_size(batch_size)
+    if limit is not None and limit < 2:
+        raise LowbitError(f"limit must be at least 2 items per task (a standard error needs two), got {limit}")
     offline = [name for name in tasks if name in TASKS]
     others = [name for name in tasks if name not in TASKS]
     if offline and not ppl:
@@ -255,8 +258,8 @@ def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: i
         raise LowbitError(f"unknown task {others[0]!r}; offline tasks: {', '.join(TASKS)}; lm-evaluation-harness"
                           " tasks need lm-eval: pip install 'lowbit[lm-eval]'")
     text = evaluation_text(ppl) if ppl else None
-    built = {task.name: (task, task.build(text, seed)) for task in get_tasks(offline)}
-    return EvalPlan(text, built, harness.load_tasks(others, include_path) if others else {})
+    built = {task.name: (task, task.build(text, seed, limit)) for task in get_tasks(offline)}
+    return EvalPlan(text, built, harness.load_tasks(others, include_path) if others else {}, limit)
 
 
 def evaluate(
@@ -272,11 +275,13 @@ def evaluate(
     tasks: tuple = (),
     seed: int = 0,
     include_path: Optional[str] = None,
+    limit: Optional[int] = None,
 ) -> EvalResult:
     """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl``, the offline
     ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error) or lm-evaluation-harness
-    tasks by name (``include_path``: a folder of task YAMLs), plus size, bits/weight, peak memory and time."""
-    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path)
+    tasks by name (``include_path``: a folder of task YAMLs; ``limit``: items per task), plus size,
+    bits/weight, peak memory and time."""
+    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit)
     text = plan.text
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
@@ -291,7 +296,7 @@ def evaluate(
         with progress_bar(f"{name} {text.corpus}", progress) as step:
             scores[name] = task.score(hf_model, tokenizer, items, text.corpus, batch_size, on_batch=step).to_dict()
     if plan.harness:
-        scores.update(harness.run_tasks(hf_model, tokenizer, plan.harness, batch_size))
+        scores.update(harness.run_tasks(hf_model, tokenizer, plan.harness, batch_size, plan.limit))
     return EvalResult(
         model=model,
         quantized=source.quantized,

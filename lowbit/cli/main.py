@@ -160,6 +160,7 @@ def evaluate(
                               + "; ".join(f"{t.name}: {t.summary}" for t in TASKS.values())),
     seed: int = typer.Option(0, help="seed of the task items' construction"),
     include_path: Optional[str] = typer.Option(None, help="folder of lm-evaluation-harness task YAMLs (local data)"),
+    limit: Optional[int] = typer.Option(None, help="items per task (default: each task's documented size)"),
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
@@ -173,10 +174,11 @@ def evaluate(
     failed = 0
     task_names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if len(models) > 1:
-        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path)
+        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path, limit)
         argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
         argv += ["--tasks", ",".join(task_names), "--seed", str(seed)] if task_names else []
         argv += ["--include-path", include_path] if include_path else []
+        argv += ["--limit", str(limit)] if limit else []
         argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
         argv += ["--allow-pickle"] if allow_pickle else []
         argv += ["--trust-remote-code"] if trust_remote_code else []
@@ -189,7 +191,7 @@ def evaluate(
         results = [
             api.evaluate(
                 models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code,
-                tasks=task_names, seed=seed, include_path=include_path,
+                tasks=task_names, seed=seed, include_path=include_path, limit=limit,
             ).to_dict()
         ]
     if results and as_json:

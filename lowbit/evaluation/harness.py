@@ -132,12 +132,12 @@ def load_tasks(names: list[str], include_path: Optional[str] = None) -> dict:
         ) from error
 
 
-def run_tasks(model, tokenizer, task_dict: dict, batch_size: int) -> dict[str, dict]:
+def run_tasks(model, tokenizer, task_dict: dict, batch_size: int, limit: Optional[int] = None) -> dict[str, dict]:
     """Each task's metrics and their standard errors, in the shape of :class:`TaskResult`'s dict."""
     from lm_eval.evaluator import evaluate
 
     lm = LowbitLM(pretrained="", model=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = evaluate(lm=lm, task_dict=task_dict)
+    out = evaluate(lm=lm, task_dict=task_dict, limit=limit)
     results = {}
     for name, values in out["results"].items():
         metrics, stderr = {}, {}

@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from lowbit.data.corpora import EvaluationText
-from lowbit.data.tasks import ChoiceItem, LastWordItem, last_word_items, next_sentence_items
+from lowbit.data.tasks import (
+    LAST_WORD_ITEMS,
+    NEXT_SENTENCE_ITEMS,
+    ChoiceItem,
+    LastWordItem,
+    last_word_items,
+    next_sentence_items,
+)
 from lowbit.errors import LowbitError
 from lowbit.evaluation.loglikelihood import loglikelihoods
 
@@ -71,7 +78,7 @@ def score_next_sentence(model, tokenizer, items: list[ChoiceItem], corpus: str, 
 class Task:
     name: str
     summary: str
-    build: Callable[[EvaluationText, int], list]  # (text, seed) -> items
+    build: Callable[[EvaluationText, int, Optional[int]], list]  # (text, seed, items or None: the default) -> items
     score: Callable[..., TaskResult]
 
 
@@ -79,9 +86,9 @@ TASKS = {
     t.name: t
     for t in (
         Task("lambada", "last word of a passage, LAMBADA-style (acc, acc_last)",
-             lambda text, seed: last_word_items(text, seed=seed), score_last_word),
+             lambda text, seed, n: last_word_items(text, n or LAST_WORD_ITEMS, seed), score_last_word),
         Task("nextsent", "next sentence among four, HellaSwag-like (acc, acc_norm)",
-             lambda text, seed: next_sentence_items(text, seed=seed), score_next_sentence),
+             lambda text, seed, n: next_sentence_items(text, n or NEXT_SENTENCE_ITEMS, seed), score_next_sentence),
     )
 }
 

@@ -42,14 +42,14 @@ def test_last_word_reports_both_scorings(monkeypatch):
 
 def test_eval_with_tasks_from_the_command_line(tiny_model_dir):
     cmd = [sys.executable, "-m", "lowbit.cli.main", "eval", str(tiny_model_dir), "--ppl", "austen",
-           "--max-tokens", "2048", "--tasks", "lambada,nextsent", "--batch-size", "16", "--json"]
+           "--max-tokens", "2048", "--tasks", "lambada,nextsent", "--limit", "40", "--batch-size", "16", "--json"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)
     assert set(result["tasks"]) == {"lambada", "nextsent"}
     for name, metrics in (("lambada", {"acc", "acc_last"}), ("nextsent", {"acc", "acc_norm"})):
         task = result["tasks"][name]
-        assert set(task["metrics"]) == metrics and task["corpus"] == "austen"
+        assert set(task["metrics"]) == metrics and task["corpus"] == "austen" and task["items"] == 40
         for m, p in task["metrics"].items():
             assert task["stderr"][m] == pytest.approx(math.sqrt(p * (1 - p) / (task["items"] - 1)))
     assert 0 < result["bits_per_byte"] < 20 and result["word_perplexity"] > result["perplexity"]
