@@ -23,13 +23,11 @@ from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import architecture_for, decoder_blocks
-from lowbit.models.loader import load_model, resolve
+from lowbit.models.loader import dtype_named, load_model, resolve
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.progress import progress_bar
 from lowbit.schemes.args import QuantizationScheme, make_scheme
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -243,8 +241,7 @@ class EvalPlan:
 def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (),
                       seed: int = 0, include_path: Optional[str] = None, limit: Optional[int] = None) -> EvalPlan:
     """Refuse bad evaluation options before any model is loaded, and build what will be scored."""
-    if dtype not in DTYPES:
-        raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    dtype_named(dtype)
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
     _check_batch_size(batch_size)
@@ -284,7 +281,7 @@ def evaluate(
     plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit)
     text = plan.text
     start = time.perf_counter()
-    hf_model, tokenizer, source = load_model(model, DTYPES[dtype], allow_pickle, trust_remote_code)
+    hf_model, tokenizer, source = load_model(model, dtype_named(dtype), allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
     path = source.path
     result = None

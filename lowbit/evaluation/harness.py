@@ -23,7 +23,7 @@ from lowbit.calibration.sampling import _wants_bos
 from lowbit.errors import LowbitError
 from lowbit.evaluation.loglikelihood import score_tokens
 from lowbit.evaluation.tasks import TASKS
-from lowbit.models.loader import load_model
+from lowbit.models.loader import dtype_named, load_model
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -34,7 +34,6 @@ try:
 except ImportError:  # the optional extra is not installed
     AVAILABLE = False
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 2048
 
 
@@ -53,9 +52,7 @@ if AVAILABLE:
                      dtype: str = "float32", max_gen_toks: int = 256, model=None, tokenizer=None, **_ignored):
             super().__init__()
             if model is None:
-                if dtype not in DTYPES:
-                    raise LowbitError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-                model, tokenizer, _ = load_model(pretrained, DTYPES[dtype])
+                model, tokenizer, _ = load_model(pretrained, dtype_named(dtype))
             self.model, self.tokenizer = model, tokenizer
             self.batch_size = int(batch_size)
             limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH

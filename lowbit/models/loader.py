@@ -87,6 +87,16 @@ def check_safetensors(folder: Path, allow_pickle: bool = False) -> None:
             raise LowbitError(f"{file} is corrupt or truncated ({str(exc).splitlines()[0][:120]})") from None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype a model is loaded and computed in, by name, or a message naming the choices."""
+    if name not in DTYPES:
+        raise LowbitError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor with NaN/Inf values, naming it: anything computed from it would be silently wrong."""
     if t.is_floating_point() and not torch.isfinite(t).all():

@@ -82,8 +82,9 @@ class QuantizationReport:
 class _Rounder:
     """Rounds one layer's weight on the primary scheme or the backup, and swaps the module."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, report: QuantizationReport, primary: set[str]):
-        self.model, self.recipe, self.report, self.primary = model, recipe, report, primary
+    def __init__(self, model: nn.Module, recipe: Recipe, report: QuantizationReport):
+        self.model, self.recipe, self.report = model, recipe, report
+        self.primary: set[str] = set()  # the layers on the primary scheme, set once ranked
         self.cache: dict[str, tuple[QuantizedWeight, Optional[float]]] = {}  # primary roundings made while ranking
         self.scores: dict[str, float] = {}
 
@@ -157,7 +158,7 @@ def quantize_model(
     recipe = recipe.checked(has_data=calibration is not None)
     targets = select_targets(model, recipe.ignore, recipe.embeddings, recipe.include_lm_head)
     report = QuantizationReport(recipe)
-    rounder = _Rounder(model, recipe, report, set())
+    rounder = _Rounder(model, recipe, report)
     extra_ranked = recipe.embeddings == "ranked"
     rounder.primary = _rank(model, recipe, targets.ranked(extra_ranked), rounder, calibration, report)
     outputs = _quantize_blocks(model, recipe, targets, rounder, calibration, batch_size, on_step)
