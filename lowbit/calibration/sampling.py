@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.data.corpora import CalibrationText
-from lowbit.data.tokens import token_stream
+from lowbit.data.tokens import bos_id, token_stream
 from lowbit.errors import LowbitError
 
 
@@ -29,8 +29,8 @@ def calibration_windows(
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=g)[:nsamples]
     windows = ids[: available * seqlen].reshape(available, seqlen)[chosen]
-    bos = tokenizer.bos_token_id
-    if bos is not None and _wants_bos(tokenizer):
+    bos = bos_id(tokenizer)
+    if bos is not None:
         windows[:, 0] = bos
     return windows
 
@@ -50,12 +50,6 @@ class CalibrationSpec:
     def record(self) -> dict:
         return {"corpus": self.text.corpus, "part": self.text.part, "nsamples": self.nsamples,
                 "seqlen": self.seqlen, "seed": self.seed}
-
-
-def _wants_bos(tokenizer) -> bool:
-    """Whether the tokenizer itself puts BOS at the start of a text (Llama-2, Gemma do; SmolLM2 does not)."""
-    probe = tokenizer("a", add_special_tokens=True).input_ids
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
 SELF_GENERATED = (8, 256)  # windows × tokens: enough for a Fisher ranking of SmolLM2's 210 layers

@@ -44,3 +44,9 @@ def tokenize_text(text: _Text, tokenizer) -> tuple[torch.Tensor, Optional[torch.
 def token_stream(text: _Text, tokenizer) -> torch.Tensor:
     """The tokens of :func:`tokenize_text` alone."""
     return tokenize_text(text, tokenizer)[0]
+
+
+def bos_id(tokenizer) -> Optional[int]:
+    """BOS when the tokenizer itself puts it at the start of a text (Llama-2, Gemma do; SmolLM2 does not), else None."""
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    return tokenizer.bos_token_id if probe and probe[0] == tokenizer.bos_token_id else None

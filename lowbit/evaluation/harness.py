@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.calibration.sampling import _wants_bos
+from lowbit.data.tokens import bos_id
 from lowbit.errors import LowbitError
 from lowbit.evaluation.loglikelihood import score_tokens
 from lowbit.evaluation.tasks import TASKS
@@ -58,7 +58,7 @@ if AVAILABLE:
             limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
             self.max_length = int(max_length or min(limit, DEFAULT_MAX_LENGTH))
             self.max_gen_toks = int(max_gen_toks)
-            self.bos = tokenizer.bos_token_id if _wants_bos(tokenizer) else None
+            self.bos = bos_id(tokenizer)
 
         @property
         def eot_token_id(self) -> int:

@@ -27,9 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lowbit.calibration.sampling import _wants_bos
 from lowbit.data.corpora import EvaluationText
-from lowbit.data.tokens import tokenize_text
+from lowbit.data.tokens import bos_id, tokenize_text
 from lowbit.errors import LowbitError
 
 
@@ -71,7 +70,7 @@ def _scored_text(text: str, ends: torch.Tensor, n: int, body: int, bos: bool) ->
 def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens: Optional[int]) -> Windows:
     if not isinstance(text, EvaluationText):
         raise TypeError("perplexity needs an EvaluationText (see lowbit.data.corpora.evaluation_text)")
-    bos = tokenizer.bos_token_id if _wants_bos(tokenizer) else None
+    bos = bos_id(tokenizer)
     body = seqlen - 1 if bos is not None else seqlen
     ids, ends = tokenize_text(text, tokenizer)
     if max_tokens:

@@ -10,6 +10,7 @@ from ..conftest import make_model
 
 REQUESTS = [("It is a truth universally", " acknowledged"), ("a single man in possession of a good ", "fortune"),
             ("must be in", " want of a wife."), ("their", " daughters")]
+CHOICES = [("However little known the feelings", ending) for ending in (" or views", " of such a man", " a", " may be")]
 
 
 def _by_hand(model, tokenizer, context, continuation):
@@ -45,9 +46,12 @@ def _tiny_gemma3(vocab: int):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding window shorter than the padding
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size, family):
+    """Also when requests share a context (run once, its cache copied to each continuation)."""
     model = make_model(len(tiny_tokenizer)) if family == "llama" else _tiny_gemma3(len(tiny_tokenizer))
-    scored = loglikelihoods(model, tiny_tokenizer, REQUESTS, batch_size=batch_size)
-    for (context, continuation), s in zip(REQUESTS, scored):
+    requests = CHOICES[:2] + REQUESTS + CHOICES[2:]
+    scored = loglikelihoods(model, tiny_tokenizer, requests, batch_size=batch_size)
+    assert min(len(encode_pair(tiny_tokenizer, *r, None)[1]) for r in CHOICES) == 1
+    for (context, continuation), s in zip(requests, scored):
         ll, greedy, last = _by_hand(model, tiny_tokenizer, context, continuation)
         assert s.loglikelihood == pytest.approx(ll, rel=1e-4, abs=1e-4)
         assert (s.greedy, s.last_greedy) == (greedy, last)
@@ -69,6 +73,15 @@ def test_a_model_that_repeats_the_text_is_greedy_everywhere(tiny_tokenizer):
 
     (s,) = loglikelihoods(Lookup(), tiny_tokenizer, [(context, continuation)])
     assert s.greedy and s.last_greedy and s.loglikelihood > -0.01 * len(x)
+
+
+def test_an_empty_context_is_the_eos_token_when_there_is_no_bos(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    (s,) = loglikelihoods(model, tiny_tokenizer, [("", "It is a truth")])
+    x = tiny_tokenizer("It is a truth", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([[tiny_tokenizer.eos_token_id] + x])).logits[0], -1)
+    assert s.loglikelihood == pytest.approx(float(logprobs[torch.arange(len(x)), torch.tensor(x)].sum()), rel=1e-4)
 
 
 def test_an_empty_continuation_is_refused(tiny_tokenizer):

@@ -30,7 +30,7 @@ def test_max_tokens_limits_the_windows(tiny_tokenizer, text_file):
 def test_bos_is_prepended_to_each_window_when_the_tokenizer_wants_it(tiny_tokenizer, text_file, monkeypatch):
     from lowbit.evaluation import perplexity as module
 
-    monkeypatch.setattr(module, "_wants_bos", lambda tok: True)
+    monkeypatch.setattr(module, "bos_id", lambda tok: tok.bos_token_id)
     windows = evaluation_windows(evaluation_text(str(text_file)), tiny_tokenizer, 16, None).ids
     assert torch.all(windows[:, 0] == tiny_tokenizer.bos_token_id)
 
@@ -45,7 +45,7 @@ def test_bits_per_byte_and_word_perplexity_count_the_text_the_scored_tokens_cove
                                                                                    monkeypatch, bos):
     from lowbit.evaluation import perplexity as module
 
-    monkeypatch.setattr(module, "_wants_bos", lambda tok: bos)
+    monkeypatch.setattr(module, "bos_id", lambda tok: tok.bos_token_id if bos else None)
     model = make_model(len(tiny_tokenizer))
     text = evaluation_text(str(text_file))
     result = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=3)
