@@ -274,13 +274,13 @@ def bench(
     model: RunModel,
     quantization: Quantization = None,
     prompt_tokens: int = typer.Option(512, help="prefill length"),
-    decode_tokens: int = typer.Option(128, help="tokens decoded after the prompt"),
+    decode_tokens: int = typer.Option(256, help="tokens decoded after the prompt"),
     repeats: int = typer.Option(3, help="repetitions (median and best are reported)"),
     lm_head: LmHead = "int8",
     threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
-    """Inference speed: load time, size, memory, prefill and decode tokens per second."""
+    """Inference speed and memory: load time, size, peak memory and its parts, prefill and decode tokens per second."""
     from lowbit.cli.report import emit_json, print_table, speed_table
     from lowbit.evaluation.speed import measure_speed
 
@@ -290,6 +290,51 @@ def bench(
         emit_json(result)
     else:
         print_table(speed_table(result))
+
+
+@app.command()
+def study(
+    models: List[str] = typer.Argument(..., help="models to compare (full precision), e.g. smollm2-135m gemma-3-270m"),
+    bits: str = typer.Option("16,8,4,3,2", help="widths: 16 (the model as it is), 8, 4, 3, 2"),
+    method: str = typer.Option("gptq", help=methods_help()),
+    group_size: int = typer.Option(64, help="columns per scale; 0 = one scale per output channel"),
+    calib: str = typer.Option("shakespeare", help="calibration text of calibrated methods"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    ppl: str = typer.Option("austen", help="held-out text for bits per byte and the offline tasks"),
+    tasks: str = typer.Option("lambada,nextsent", help="offline tasks (comma-separated)"),
+    max_tokens: int = typer.Option(16384, help="tokens of held-out text scored for bits per byte"),
+    limit: Optional[int] = typer.Option(None, help="items per task (default: each task's documented size)"),
+    seed: int = typer.Option(0),
+    output: Path = typer.Option(Path("out/study"), "--output", "-o", help="folder for checkpoints, rows and report"),
+):
+    """Quantize each model at each width (cached), measure size, peak memory, bits per byte, task accuracy
+    and decode speed, and write a table, JSON, plots and an HTML report (a rerun reuses finished rows)."""
+    from rich.console import Console
+
+    from lowbit.study.plan import StudyPlan, check_plan
+    from lowbit.study.report import markdown, write_report
+    from lowbit.study.run import run_study
+
+    try:
+        widths = tuple(int(b) for b in bits.split(",") if b.strip())
+    except ValueError:
+        raise LowbitError(f"--bits takes comma-separated integers, got {bits!r}") from None
+    plan = check_plan(StudyPlan(tuple(models), widths, method, group_size, calib, nsamples, ppl=ppl,
+                                tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), max_tokens=max_tokens,
+                                limit=limit, seed=seed, output=output))
+    from lowbit import api
+
+    api.check_eval_inputs(plan.ppl, 512, "float32", plan.batch_size, plan.tasks, plan.seed, None, plan.limit)
+    console = Console(stderr=True)
+    rows = run_study(plan, lambda line: console.print(line, markup=False, highlight=False))
+    written = write_report(rows, plan.record(), plan.output)
+    print(markdown(rows))
+    for line in json.loads(written["json"].read_text())["conclusions"]:
+        print(line)
+    print(f"\nreport: {written['html']}  table: {written['markdown']}  JSON: {written['json']}  plots: "
+          + ", ".join(str(p) for p in written["plots"]))
+    if any("error" in r for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command()

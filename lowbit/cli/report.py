@@ -99,7 +99,11 @@ def speed_table(r: dict) -> Table:
         ("resident weights", mb(r["resident_weights_bytes"])),
         ("KV cache", mb(r["kv_cache_bytes"])),
         ("RSS after load (before)", f"{mb(r['rss_after_load_bytes'])} ({mb(r['rss_before_load_bytes'])})"),
+        ("peak RSS: load, run", f"{gb(r['load_peak_rss_bytes'])}, {gb(r['run_peak_rss_bytes'])}"
+         + ("" if r["run_peak_exact"] else " (the run's includes the load's: no peak reset here)")),
         ("peak RSS", gb(r["peak_rss_bytes"])),
+        ("model's peak (peak - runtime)", mb(r["model_peak_bytes"])),
+        ("peak explained", ", ".join(f"{k.replace('_', ' ')} {mb(v)}" for k, v in r["memory_parts"].items())),
         (f"prefill {r['prompt_tokens']} tok/s, median (best)", f"{r['prefill_tok_s_median']:.0f} ({r['prefill_tok_s_max']:.0f})"),
         (f"decode {r['decode_tokens']} tok/s, median (best)", f"{r['decode_tok_s_median']:.1f} ({r['decode_tok_s_max']:.1f})"),
         ("cpu", cpu_line(r["cpu"])),

@@ -45,9 +45,20 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far (since :func:`reset_peak_rss`, where that worked)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak RSS afresh from the current RSS (Linux: ``/proc/self/clear_refs`` 5); False where
+    the system cannot, so that the caller can say its later peak includes what came before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def effective_bits(model: nn.Module) -> float:

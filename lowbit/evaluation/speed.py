@@ -1,4 +1,18 @@
-"""Inference speed: load time, prefill and decode tokens per second, memory, repeated for min/median."""
+"""Inference speed and the memory of running a model: load, then a prompt and a greedy decode after it,
+repeated for median and best.
+
+Peak memory as the quantization articles measure it (load, a 512-token prompt, 256 generated tokens),
+explained by its parts. The peak RSS is read after the load, then reset (:func:`reset_peak_rss`) and
+read again after the runs:
+
+    peak         max(load peak, run peak)
+    runtime      RSS before the model loads: interpreter, torch, transformers (the same for every model)
+    weights      the decoder's resident weight tensors
+    KV cache     the preallocated cache (context × layers × 2 × KV heads × head dim)
+    activations  run peak − RSS after load: the forward's transient buffers (the prompt's are the largest)
+    other        RSS after load − runtime − weights − KV cache (tokenizer, code, allocator slack)
+    model peak   peak − runtime: what this model adds to a process
+"""
 
 from __future__ import annotations
 
@@ -10,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.evaluation.footprint import folder_size, peak_rss_bytes
+from lowbit.evaluation.footprint import folder_size, peak_rss_bytes, reset_peak_rss
 
 
 @dataclass
@@ -29,6 +43,11 @@ class SpeedResult:
     resident_weights_bytes: int
     peak_rss_bytes: int
     kv_cache_bytes: int
+    load_peak_rss_bytes: int
+    run_peak_rss_bytes: int
+    run_peak_exact: bool  # False: the system could not reset the peak, so the run peak includes the load's
+    model_peak_bytes: int
+    memory_parts: dict
     prefill_tok_s_median: float
     prefill_tok_s_max: float
     decode_tok_s_median: float
@@ -47,11 +66,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repeats: int = 3) -> SpeedResult:
-    """Prefill a random prompt of ``prompt_tokens`` and decode ``decode_tokens`` greedily after it, ``repeats`` times.
+def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 256, repeats: int = 3) -> SpeedResult:
+    """Prefill a random prompt of ``prompt_tokens`` and decode ``decode_tokens`` greedily after it, ``repeats`` times,
+    right after ``llm`` was loaded in this process (so that the load peak is the model's).
 
     Reports the median and the best run (best = least disturbed by other tenants of the machine).
     """
+    load_peak = peak_rss_bytes()
+    exact = reset_peak_rss()
     decoder = llm.decoder
     vocab = llm.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -72,6 +94,10 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
     tensors = [(n, t) for n, t in (*decoder.named_buffers(), *decoder.named_parameters()) if t is not None]
     cache = sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_cache"))
     weights = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("_cache"))
+    run_peak = peak_rss_bytes()
+    runtime, after_load = llm.rss_before_load_bytes, llm.rss_after_load_bytes
+    parts = {"runtime": runtime, "weights": weights, "kv_cache": cache, "activations": max(0, run_peak - after_load),
+             "other": after_load - runtime - weights - cache}
     path = llm.source.path
     return SpeedResult(
         model=llm.name,
@@ -86,8 +112,13 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 128, repea
         rss_before_load_bytes=llm.rss_before_load_bytes,
         rss_after_load_bytes=llm.rss_after_load_bytes,
         resident_weights_bytes=weights,
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=max(load_peak, run_peak),
         kv_cache_bytes=cache,
+        load_peak_rss_bytes=load_peak,
+        run_peak_rss_bytes=run_peak,
+        run_peak_exact=exact,
+        model_peak_bytes=max(load_peak, run_peak) - runtime,
+        memory_parts=parts,
         prefill_tok_s_median=statistics.median(prefill),
         prefill_tok_s_max=max(prefill),
         decode_tok_s_median=statistics.median(decode),

@@ -12,6 +12,7 @@ import math
 import torch
 
 _ROWS_PER_CHUNK = 4096
+_UNPACK_ROWS = 512  # rows per step of unpacking: its int64 temporaries stay a few MB
 
 
 def _pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
@@ -25,11 +26,14 @@ def _pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    rows = packed.shape[0]
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    stream = ((words[..., None] >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows, -1)
-    stream = stream[:, : cols * bits].reshape(rows, cols, bits)
-    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
+    """Value j of each row is bits [j·b, (j+1)·b) of the stream: the low part from word ⌊j·b/32⌋ and,
+    when it straddles, the high part from the next word (one [rows, cols] int64 per step, not one per bit)."""
+    words = torch.nn.functional.pad(packed.to(torch.int64) & 0xFFFFFFFF, (0, 1))
+    start = torch.arange(cols, dtype=torch.int64) * bits
+    word, shift = start // 32, start % 32
+    low = words[:, word] >> shift
+    high = words[:, word + 1] << (32 - shift)
+    return (low | high) & ((1 << bits) - 1)
 
 
 def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
@@ -45,6 +49,6 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: i
     """Inverse of :func:`pack_int32`: int8 values of the original 2-D ``shape``."""
     rows, cols = shape if dim == 1 else (shape[1], shape[0])
     p = packed.t() if dim == 0 else packed
-    u = torch.cat([_unpack_rows(c, bits, cols) for c in p.split(_ROWS_PER_CHUNK)])
-    q = (u - (1 << (bits - 1))).to(torch.int8)
+    offset = 1 << (bits - 1)
+    q = torch.cat([(_unpack_rows(c, bits, cols) - offset).to(torch.int8) for c in p.split(_UNPACK_ROWS)])
     return (q.t() if dim == 0 else q).contiguous()

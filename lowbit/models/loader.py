@@ -15,6 +15,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import load_quantized
+from lowbit.models.allocator import lean_loading
 from lowbit.formats.gguf import load_gguf
 from lowbit.models.embedded import EMBEDDED, embedded_folder
 
@@ -97,10 +98,15 @@ def dtype_named(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+FINITE_CHECK_ELEMENTS = 1 << 20  # checked at a time, so that the check's temporaries stay a few MB
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor with NaN/Inf values, naming it: anything computed from it would be silently wrong."""
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point():
+        return
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in t.reshape(-1).split(FINITE_CHECK_ELEMENTS))
+    if bad:
         raise LowbitError(f"{name} has {bad} NaN/Inf values of {t.numel()}; the checkpoint is damaged")
 
 
@@ -174,8 +180,9 @@ def load_model(
     Every floating tensor is checked to be finite: a damaged file is an error naming the tensor, not a NaN result.
     """
     source = resolve(name)
-    model, tokenizer, source = _load(source, name, dtype, allow_pickle, trust_remote_code)
-    check_finite_model(model)
+    with lean_loading():
+        model, tokenizer, source = _load(source, name, dtype, allow_pickle, trust_remote_code)
+        check_finite_model(model)
     return model, tokenizer, source
 
 

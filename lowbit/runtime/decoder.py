@@ -32,7 +32,7 @@ from lowbit.models.architectures import ARCHITECTURES, Architecture, architectur
 from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, kernels_by_kind, unavailable_reason
 from lowbit.runtime.native import native_module
-from lowbit.quantized.modules import QuantEmbedding, QuantLinear
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.grid import QuantizedWeight
 
 
@@ -55,7 +55,7 @@ def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype)
         qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zp, parts[0].args)
         return fast_linear(qw, bias=bias, dtype=dtype)
     weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
-    weight = torch.cat([w.detach().float() for w in weights])
+    weight = weights[0].detach().float() if len(weights) == 1 else torch.cat([w.detach().float() for w in weights])
     return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
 
 
@@ -112,10 +112,13 @@ class LeanDecoder(nn.Module):
         quantize_head: Optional[WeightQuantizer] = None,
         dtype: Optional[torch.dtype] = None,
         cache_dtype: torch.dtype = torch.bfloat16,
+        consume: bool = False,
     ):
         """``dtype``: compute dtype (default: what this CPU computes natively). ``cache_dtype``: how K and V
         are stored; bfloat16 on every CPU by default (half the bytes a decode step reads at depth, as
-        llama.cpp's f16 cache), widened to float32 as it is read."""
+        llama.cpp's f16 cache), widened to float32 as it is read. ``consume``: take ``hf_model``'s layers
+        apart while building (each one's tensors freed once its fused copy exists), so that the load never
+        holds the model twice; ``hf_model`` cannot run afterwards."""
         super().__init__()
         config = hf_model.config
         arch = architecture_of(hf_model)
@@ -135,10 +138,7 @@ class LeanDecoder(nn.Module):
         layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * len(layers))
         kinds = sorted(set(layer_types))  # one RoPE table per attention kind (Gemma 3: local and global bases)
         window = getattr(config, "sliding_window", None) or 0
-        self.blocks = nn.ModuleList(
-            _Block(layer, arch, quantize, dtype, window if kind == "sliding_attention" else 0, kinds.index(kind))
-            for layer, kind in zip(layers, layer_types)
-        )
+        # The head and table first: under ``consume`` a full-precision table is gone before the blocks are fused.
         self.norm = _norm_weight(hf_model.get_submodule(arch.final_norm), arch)
         head = hf_model.get_submodule(arch.lm_head)
         self.lm_head = _fused([head], quantize_head, dtype)
@@ -149,6 +149,16 @@ class LeanDecoder(nn.Module):
         self.quantized_embed = table if quantized_table else None  # rows dequantized when looked up
         plain = not self.shared_embedding and not quantized_table
         self.register_buffer("embed", table.weight.detach().to(dtype) if plain else None)
+        if consume:
+            for path in {arch.lm_head, arch.embed}:
+                replace_module(hf_model, path, nn.Module())
+            del head, table
+        self.blocks = nn.ModuleList()
+        for i, kind in enumerate(layer_types):
+            self.blocks.append(_Block(layers[i], arch, quantize, dtype, window if kind == "sliding_attention" else 0,
+                                      kinds.index(kind)))
+            if consume:  # the layer's own tensors go as soon as its fused copies exist
+                layers[i] = nn.Module()
         self.eos_token_id = getattr(hf_model.generation_config, "eos_token_id", None)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)

@@ -87,8 +87,8 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
     bits, (n, k), g = qw.args.num_bits, qw.shape, qw.group_size
     s = qw.scale.float()
     offset = None if qw.zero_point is None else -s * qw.zero_point.float()
-    c = qw.q.to(torch.int16) + zero_code(bits)
-    codes = c.to(torch.int8).view(torch.uint8) if bits == 8 else c.to(torch.uint8)
+    q = qw.q.to(torch.int8)  # c = q + c₀ fits in int8 (at most 2^b − 1 for b < 8; q itself for b = 8)
+    codes = (q if bits == 8 else q + zero_code(bits)).contiguous().view(torch.uint8)
     return PackedWeight(
         pack_codes(codes, bits), s.to(torch.float16).contiguous(),
         None if offset is None else offset.to(torch.float16).contiguous(), bits, g, (n, k),

@@ -11,6 +11,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import current_rss_bytes
+from lowbit.models.allocator import lean_loading, release_freed_memory
 from lowbit.models.loader import import_model_code, load_model
 from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
@@ -72,17 +73,18 @@ class LLM:
         self.quantization = quantization or ("checkpoint" if self.source.quantized else None)
         body = quantizer_for(quantization) if quantization else None
         head = quantizer_for("int8") if lm_head == "int8" else None
-        if LeanDecoder.supports(hf_model):
-            self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head)
-        else:
-            self.decoder = HFDecoder(hf_model, self.max_model_len, body)
-        del hf_model
+        with lean_loading():
+            if LeanDecoder.supports(hf_model):
+                self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True)
+            else:
+                self.decoder = HFDecoder(hf_model, self.max_model_len, body)
+            del hf_model
         self.notices = self._notices()
         for line in self.notices:
             print(line, file=sys.stderr, flush=True)
         self.eos_ids = self._eos_ids()
         self.load_time_s = time.perf_counter() - start
-        _release_freed_memory()
+        release_freed_memory()
         self.rss_after_load_bytes = current_rss_bytes()
 
     def _notices(self) -> list[str]:
@@ -193,15 +195,3 @@ class LLM:
     def chat(self, messages: list[dict], params: Optional[SamplingParams] = None) -> RequestOutput:
         """Answer the last message of a conversation, through the chat template."""
         return self._run("", self.encode_chat(messages), params or SamplingParams())
-
-
-def _release_freed_memory() -> None:
-    """Return the load-time full-precision copies to the OS (glibc keeps freed heap otherwise)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass

@@ -186,8 +186,10 @@ def test_the_compiled_decode_step_agrees_with_the_pytorch_step(case, tiny_tokeni
     decoder(ids[:, :300], 0)
     reference = [decoder(ids[:, i : i + 1], i)[0, -1] for i in range(300, 304)]
     decoder.step = step
+    # to float rounding: float32's, or where the GEMMs run in bfloat16, about one bfloat16 step (2^-8) of the range
+    tolerance = 1e-4 if decoder.dtype == torch.float32 else 2**-8
     for a, b in zip(compiled, reference):
-        assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())
+        assert float((a - b).abs().max()) < tolerance * float(b.abs().max())
         assert int(a.argmax()) == int(b.argmax())
 
 

@@ -1,0 +1,1 @@
+"""lowbit study: models x bit-widths, measured and reported (plan, run, report)."""
