@@ -38,7 +38,9 @@ def metrics(rows: list[dict]) -> list[tuple[str, str]]:
 
 def accuracy(row: dict, task: str, metric: str) -> Optional[tuple[float, float]]:
     t = row["eval"].get("tasks", {}).get(task)
-    return None if t is None else (t["metrics"][metric], t["stderr"][metric])
+    if t is None or metric not in t["metrics"]:
+        return None
+    return t["metrics"][metric], t["stderr"][metric]
 
 
 def unusable(row: dict, rows: list[dict]) -> Optional[str]:

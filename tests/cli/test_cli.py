@@ -110,6 +110,14 @@ def test_bench_reports_speeds_as_json(tiny_model_dir):
     assert result["kv_cache_bytes"] == 2 * 2 * 2 * 24 * (32 + 8) * 2
     fp32_bytes = sum(t.numel() * 4 for t in safetensors_torch.load_file(tiny_model_dir / "model.safetensors").values())
     assert result["resident_weights_bytes"] < fp32_bytes / 3  # int4 body, int8 tied head
+    parts = result["memory_parts"]
+    assert (parts["weights"], parts["kv_cache"]) == (result["resident_weights_bytes"], result["kv_cache_bytes"])
+    # the run's peak is explained: RSS after load is runtime + weights + cache + other, the peak adds activations
+    assert parts["runtime"] + parts["weights"] + parts["kv_cache"] + parts["other"] == result["rss_after_load_bytes"]
+    if result["run_peak_exact"]:
+        assert parts["activations"] == max(0, result["run_peak_rss_bytes"] - result["rss_after_load_bytes"])
+    assert result["peak_rss_bytes"] == max(result["load_peak_rss_bytes"], result["run_peak_rss_bytes"])
+    assert result["model_peak_bytes"] == result["peak_rss_bytes"] - parts["runtime"]
 
 
 def test_serve_refuses_unknown_quantization(tiny_model_dir):
