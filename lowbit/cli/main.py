@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -143,9 +142,10 @@ def compress(
 
 def _eval_in_subprocess(model: str, argv: list[str]) -> tuple[int, Optional[dict]]:
     """Evaluate one model in its own process so that its peak memory is its own: (exit status, result)."""
-    cmd = [sys.executable, "-m", "lowbit.cli.main", "eval", model, *argv, "--json"]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    return done.returncode, json.loads(done.stdout)[0] if done.returncode == 0 else None
+    from lowbit.cli.child import run_lowbit
+
+    status, result = run_lowbit(["eval", model, *argv, "--json"])
+    return status, result[0] if result else None
 
 
 @app.command("eval")

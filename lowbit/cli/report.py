@@ -83,11 +83,16 @@ def eval_table(results: Iterable[dict]) -> Table:
     return table
 
 
+def plus_minus(value: float, stderr: float) -> str:
+    """"0.412 ± 0.025": an accuracy with its standard error."""
+    return f"{value:.3f} ± {stderr:.3f}"
+
+
 def accuracy(task: dict | None, metric: str) -> str:
-    """"0.412 ± 0.025 (n=400)": an accuracy with its standard error."""
+    """"0.412 ± 0.025 (n=400)": a task's accuracy with its standard error and item count."""
     if not task:
         return "-"
-    return f"{task['metrics'][metric]:.3f} ± {task['stderr'][metric]:.3f} (n={task['items']})"
+    return f"{plus_minus(task['metrics'][metric], task['stderr'][metric])} (n={task['items']})"
 
 
 def speed_table(r: dict) -> Table:

@@ -13,7 +13,9 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from lowbit.cli.report import plus_minus
 
 CHANCE = {("lambada", "acc"): 0.0, ("lambada", "acc_last"): 0.0, ("nextsent", "acc"): 0.25,
           ("nextsent", "acc_norm"): 0.25}
@@ -79,7 +81,7 @@ def conclusions(rows: list[dict]) -> list[str]:
     tasks = [k for k in metrics(done) if k[1] in ("acc", "acc_norm")]
     for i, r in enumerate(front):
         upper = f"below {memory_mb(front[i + 1]):.0f} MB" if i + 1 < len(front) else "and above"
-        said = "; ".join(f"{t} {m} {accuracy(r, t, m)[0]:.3f} ± {accuracy(r, t, m)[1]:.3f}" for t, m in tasks
+        said = "; ".join(f"{t} {m} {plus_minus(*accuracy(r, t, m))}" for t, m in tasks
                          if accuracy(r, t, m))
         flip = ""
         if i > 0 and front[i - 1]["model"] != r["model"]:
@@ -87,7 +89,7 @@ def conclusions(rows: list[dict]) -> list[str]:
             noisy = [f"{t} {m}" for t, m in tasks if accuracy(r, t, m) and accuracy(front[i - 1], t, m)
                      and _within_noise(r, front[i - 1], (t, m))]
             if noisy:
-                flip += f" On {', '.join(noisy)} the two are within one standard error of each other."
+                flip += f" On {', '.join(noisy)} the two differ by less than one standard error of the difference."
         lines.append(f"From {memory_mb(r):.0f} MB {upper}: {r['label']} is best (bits per byte {bpb(r):.3f};"
                      f" {said}).{flip}")
     for r in done:
@@ -116,7 +118,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                  "-" if e.get("word_perplexity") is None else f"{e['word_perplexity']:.1f}"]
         for t, m in keys:
             a = accuracy(r, t, m)
-            cells.append("-" if a is None else f"{a[0]:.3f} ± {a[1]:.3f}")
+            cells.append("-" if a is None else plus_minus(*a))
         cells += [f"{b['decode_tok_s_median']:.1f}", b["cpu"]["cpu"] + " " + b["cpu"]["kernel_isa"]]
         body.append(cells)
     return header, body
@@ -128,37 +130,40 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
 
 
+def _panel(ax, done: list[dict], title: str, value: Callable[[dict], Optional[float]], higher: bool) -> None:
+    """One metric against the model's peak memory: a line per model through its widths, the Pareto front dashed."""
+    for model in dict.fromkeys(r["model"] for r in done):
+        points = sorted((r for r in done if r["model"] == model and value(r) is not None), key=memory_mb)
+        ax.plot([memory_mb(r) for r in points], [value(r) for r in points], "o-", label=model)
+        for r in points:
+            ax.annotate("fp" if r["bits"] == 16 else f"W{r['bits']}", (memory_mb(r), value(r)),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = pareto(done, value if higher else (lambda r: -value(r) if value(r) is not None else None))
+    ax.plot([memory_mb(r) for r in front], [value(r) for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("peak memory while running, MB (model's part)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    """accuracy.png (one panel per task metric) and bpb.png against the model's peak memory: one line per
-    model through its widths, the Pareto front dashed."""
+    """bpb.png and accuracy.png (one panel per task metric) against the model's peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = finished(rows)
-    models = list(dict.fromkeys(r["model"] for r in done))
-    keys = metrics(done)
-    panels = [("bits per byte (lower is better)", lambda r: bpb(r), "bpb.png", False)]
-    panels += [(f"{t} {m}", (lambda r, t=t, m=m: (accuracy(r, t, m) or (None,))[0]), None, True) for t, m in keys]
+    accuracies = [(f"{t} {m}", (lambda r, t=t, m=m: (accuracy(r, t, m) or (None,))[0]), True)
+                  for t, m in metrics(done)]
     files = []
-    for name, group in (("bpb.png", panels[:1]), ("accuracy.png", panels[1:])):
-        if not group:
+    for name, panels in (("bpb.png", [("bits per byte (lower is better)", bpb, False)]),
+                         ("accuracy.png", accuracies)):
+        if not panels:
             continue
-        fig, axes = plt.subplots(1, len(group), figsize=(5.5 * len(group), 4.2), squeeze=False)
-        for ax, (title, value, _, higher) in zip(axes[0], group):
-            for model in models:
-                points = sorted((r for r in done if r["model"] == model and value(r) is not None), key=memory_mb)
-                ax.plot([memory_mb(r) for r in points], [value(r) for r in points], "o-", label=model)
-                for r in points:
-                    ax.annotate("fp" if r["bits"] == 16 else f"W{r['bits']}", (memory_mb(r), value(r)),
-                                textcoords="offset points", xytext=(4, 4), fontsize=8)
-            front = pareto(done, value if higher else (lambda r, v=value: -v(r) if v(r) is not None else None))
-            ax.plot([memory_mb(r) for r in front], [value(r) for r in front], "k--", lw=1, label="Pareto front")
-            ax.set_xlabel("peak memory while running, MB (model's part)")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+        for ax, (title, value, higher) in zip(axes[0], panels):
+            _panel(ax, done, title, value, higher)
         fig.tight_layout()
         path = folder / name
         fig.savefig(path, dpi=110)

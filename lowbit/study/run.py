@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from lowbit.cli.child import run_lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import read_record
 from lowbit.study.plan import Row, StudyPlan
@@ -28,12 +27,10 @@ def _run(cmd: list[str], log: Path) -> dict:
     with open(log, "a") as err:
         err.write(f"$ {shlex.join(cmd)}\n")
         err.flush()
-        done = subprocess.run([sys.executable, "-m", "lowbit.cli.main", *cmd[1:]], stdout=subprocess.PIPE,
-                              stderr=err, text=True)
-    if done.returncode != 0:
+        status, result = run_lowbit(cmd[1:], stderr=err)
+    if status != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise LowbitError(f"{shlex.join(cmd)} failed: {lines[-1] if lines else 'no message'}")
-    result = json.loads(done.stdout)
     return result[0] if isinstance(result, list) else result
 
 
