@@ -102,6 +102,15 @@ def conclusions(rows: list[dict]) -> list[str]:
     return lines
 
 
+def timing(rows: list[dict]) -> str:
+    """How long the rows took to measure (evaluation and running) and to quantize, when they were made."""
+    done = finished(rows)
+    measured = sum(r.get("eval_wall_s", 0) + r.get("bench_wall_s", 0) for r in done)
+    quantized = sum(r.get("quantize_wall_s", 0) for r in done)
+    return (f"Measuring the {len(done)} rows took {measured / 60:.1f} min (evaluation and running; quantization,"
+            f" cached, another {quantized / 60:.1f} min), when each row was made.")
+
+
 def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = metrics(rows)
     header = ["model", "weights", "size MB", "peak MB (model)", "peak RSS MB", "bits/byte", "word ppl",
@@ -176,7 +185,8 @@ def write_report(rows: list[dict], plan_record: dict, folder: Path) -> dict:
     """study.json, table.md, the plots and report.html in ``folder``; the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     said = conclusions(rows)
-    (folder / "study.json").write_text(json.dumps({"plan": plan_record, "rows": rows, "conclusions": said}, indent=2))
+    (folder / "study.json").write_text(json.dumps({"plan": plan_record, "rows": rows, "conclusions": said,
+                                                   "timing": timing(rows)}, indent=2))
     table = markdown(rows)
     (folder / "table.md").write_text(table)
     images = plot(rows, folder)
@@ -190,7 +200,8 @@ def write_report(rows: list[dict], plan_record: dict, folder: Path) -> dict:
             f"<p>Held-out text: {html.escape(str(plan_record.get('ppl')))}. Memory: each row's peak while running"
             " (load, a 512-token prompt, 256 generated tokens) less the interpreter and libraries all rows share"
             + ("" if runtime is None else f" ({runtime / 1e6:.0f} MB)") + ".</p>",
-            "<h2>Conclusion per memory budget</h2><ul>", *(f"<li>{html.escape(s)}</li>" for s in said), "</ul>"]
+            "<h2>Conclusion per memory budget</h2><ul>", *(f"<li>{html.escape(s)}</li>" for s in said), "</ul>",
+            f"<p>{html.escape(timing(rows))}</p>"]
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
         page.append(f"<p><img alt='{image.stem}' src='data:image/png;base64,{data}' style='max-width:100%'></p>")

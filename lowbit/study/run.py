@@ -69,7 +69,7 @@ def run_row(row: Row, say: Callable[[str], None]) -> dict:
     log = row.result_file.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
-    commands, quantized = [], None
+    commands, quantized, quantize_s = [], None, 0.0
     if row.checkpoint is not None:
         quantize = command("quantize", row.model, ["-o", str(row.checkpoint), *plan.quantize_argv(row.bits)])
         commands.append(shlex.join(quantize))
@@ -78,7 +78,9 @@ def run_row(row: Row, say: Callable[[str], None]) -> dict:
             quantized = {"cached": True, **read_record(row.checkpoint)}
         else:
             say(f"{row.label}: quantizing ({plan.method}, {row.bits} bits, group {plan.group_size})")
+            start = time.perf_counter()
             quantized = {"cached": False, **_run(quantize + ["--overwrite"], log)}
+            quantize_s = time.perf_counter() - start
     evaluate = command("eval", row.runs, plan.eval_argv())
     bench = command("bench", row.runs, plan.bench_argv())
     commands += [shlex.join(evaluate), shlex.join(bench)]
@@ -87,11 +89,14 @@ def run_row(row: Row, say: Callable[[str], None]) -> dict:
     evaluated = _run(evaluate, log)
     eval_s = time.perf_counter() - start
     say(f"{row.label}: running it (512-token prompt, 256 generated tokens) for memory and speed")
+    start = time.perf_counter()
     benched = _run(bench, log)
+    bench_s = time.perf_counter() - start
     return {"key": row.key, "name": row.name, "label": row.label, "model": row.model, "bits": row.bits,
             "method": None if row.checkpoint is None else plan.method, "group_size": plan.group_size,
             "checkpoint": None if row.checkpoint is None else str(row.checkpoint), "commands": commands,
-            "quantize": quantized, "eval": evaluated, "eval_wall_s": eval_s, "bench": benched}
+            "quantize": quantized, "eval": evaluated, "eval_wall_s": eval_s, "bench": benched,
+            "bench_wall_s": bench_s, "quantize_wall_s": quantize_s}
 
 
 def run_study(plan: StudyPlan, say: Callable[[str], None] = print) -> list[dict]:

@@ -11,6 +11,8 @@ from ..conftest import make_model
 REQUESTS = [("It is a truth universally", " acknowledged"), ("a single man in possession of a good ", "fortune"),
             ("must be in", " want of a wife."), ("their", " daughters")]
 CHOICES = [("However little known the feelings", ending) for ending in (" or views", " of such a man", " a", " may be")]
+CHOICES_LONG = [("this truth is so well fixed in the minds of the surrounding families", ending)
+                for ending in (" that he is considered", " as property", " of some one or other of their daughters")]
 
 
 def _by_hand(model, tokenizer, context, continuation):
@@ -44,11 +46,12 @@ def _tiny_gemma3(vocab: int):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding window shorter than the padding
-@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
 def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size, family):
-    """Also when requests share a context (run once, its cache copied to each continuation)."""
+    """Also when requests share a context (run once, its cache copied to each continuation), with groups of
+    different context lengths whose continuations are batched across groups."""
     model = make_model(len(tiny_tokenizer)) if family == "llama" else _tiny_gemma3(len(tiny_tokenizer))
-    requests = CHOICES[:2] + REQUESTS + CHOICES[2:]
+    requests = CHOICES[:2] + CHOICES_LONG[:1] + REQUESTS + CHOICES[2:] + CHOICES_LONG[1:]
     scored = loglikelihoods(model, tiny_tokenizer, requests, batch_size=batch_size)
     assert min(len(encode_pair(tiny_tokenizer, *r, None)[1]) for r in CHOICES) == 1
     for (context, continuation), s in zip(requests, scored):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit.study.report import conclusions, markdown, pareto, unusable, write_report
+from lowbit.study.report import conclusions, markdown, pareto, timing, unusable, write_report
 
 
 def _row(model, bits, peak_mb, bpb, lambada, nextsent, se=0.02):
@@ -52,3 +52,11 @@ def test_the_report_is_self_contained_with_plots_table_and_commands(tmp_path: Pa
     assert all(p.stat().st_size > 10_000 for p in written["plots"])
     table = markdown(ROWS)
     assert "0.550 ± 0.020" in table and table.count("\n") == len(ROWS) + 2
+
+
+def test_the_time_to_measure_excludes_quantization_and_failed_rows():
+    rows = [dict(_row("m", 16, 300, 1.3, 0.5, 0.5), eval_wall_s=100.0, bench_wall_s=20.0, quantize_wall_s=0.0),
+            dict(_row("m", 4, 100, 1.4, 0.4, 0.4), eval_wall_s=80.0, bench_wall_s=40.0, quantize_wall_s=600.0),
+            {"model": "m", "bits": 2, "label": "m W2", "error": "failed", "eval_wall_s": 1000.0}]
+    assert timing(rows).startswith("Measuring the 2 rows took 4.0 min (evaluation and running; quantization, cached,"
+                                   " another 10.0 min)")
