@@ -85,6 +85,11 @@ def evaluation_windows(text: EvaluationText, tokenizer, seqlen: int, max_tokens:
     return Windows(windows, *covered)
 
 
+# float32 logits one forward may hold: a window of Gemma 3 (262k vocabulary × 512 positions) is 0.5 GB of
+# them, and cross-entropy makes a second copy, so eight windows at once would peak near 9 GB.
+LOGITS_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -94,10 +99,15 @@ def perplexity(
     max_tokens: Optional[int] = None,
     batch_size: int = 4,
     on_batch: Optional[Callable[[int, int], None]] = None,
+    logits_bytes: int = LOGITS_BYTES,
 ) -> PerplexityResult:
-    """Token-level perplexity of ``model`` on the held-out ``text``, bits per byte and word perplexity."""
+    """Token-level perplexity of ``model`` on the held-out ``text``, bits per byte and word perplexity.
+
+    Windows run ``batch_size`` at a time, or fewer where their logits would exceed ``logits_bytes``."""
     scored = evaluation_windows(text, tokenizer, seqlen, max_tokens)
     windows = scored.ids
+    vocab = model.config.get_text_config().vocab_size
+    batch_size = max(1, min(batch_size, logits_bytes // (windows.shape[1] * vocab * 4)))
     nll, count = 0.0, 0
     for i, batch in enumerate(windows.split(batch_size)):
         logits = model(input_ids=batch, use_cache=False).logits.float()

@@ -22,6 +22,21 @@ def test_perplexity_is_exp_of_mean_token_nll_over_non_overlapping_windows(tiny_t
     assert result.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-4)
 
 
+def test_windows_whose_logits_exceed_the_budget_run_fewer_at_a_time_with_the_same_result(tiny_tokenizer, text_file):
+    model = make_model(len(tiny_tokenizer))
+    text = evaluation_text(str(text_file))
+    window_logits = 16 * model.config.vocab_size * 4
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    whole = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=4)
+    assert max(calls) == 4
+    calls.clear()
+    split = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=4, logits_bytes=2 * window_logits + 1)
+    assert max(calls) == 2 and sum(calls) == whole.windows
+    assert split.perplexity == pytest.approx(whole.perplexity, rel=1e-5)
+
+
 def test_max_tokens_limits_the_windows(tiny_tokenizer, text_file):
     text = evaluation_text(str(text_file))
     assert evaluation_windows(text, tiny_tokenizer, 16, 64).ids.shape == (4, 16)
