@@ -327,7 +327,7 @@ def study(
     from lowbit import api
 
     api.check_eval_inputs(plan.ppl, 512, "float32", plan.batch_size, plan.tasks, plan.seed, None, plan.limit)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a log line stays one line in a file or pipe
     rows = run_study(plan, lambda line: console.print(line, markup=False, highlight=False))
     written = write_report(rows, plan.record(), plan.output)
     print(markdown(rows))

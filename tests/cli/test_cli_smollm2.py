@@ -23,3 +23,27 @@ def test_gptq_g128_on_smollm2_reports_the_fallback_and_evaluates(tmp_path):
     (result,) = json.loads(done.stdout)
     assert result["quantized"] and 20 < result["perplexity"] < 100
     assert result["recipe"]["method"] == "gptq"
+
+
+@pytest.mark.slow  # ~4 minutes: two rows, each quantized, evaluated and run in its own processes
+def test_study_of_two_widths_writes_its_report_and_a_rerun_reuses_every_row(tmp_path):
+    out = tmp_path / "study"
+    args = ("study", "smollm2-135m", "--bits", "16,4", "--method", "rtn", "--max-tokens", "1024", "--limit", "4",
+            "-o", out)
+    done = run(*args)
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("| smollm2-135m")]
+    assert [line.split(" | ")[1] for line in table] == ["full precision", "rtn W4 g64"]
+    assert all("±" in line for line in table)  # every accuracy with its standard error
+    study = json.loads((out / "study.json").read_text())
+    fp, w4 = study["rows"]
+    assert fp["eval"]["tasks"]["lambada"]["items"] == 4 and fp["eval"]["eval_tokens"] >= 1000
+    assert 1.0 < fp["eval"]["bits_per_byte"] < w4["eval"]["bits_per_byte"] < 2.0
+    assert w4["bench"]["model_peak_bytes"] < fp["bench"]["model_peak_bytes"]
+    assert any(line.startswith("From ") for line in study["conclusions"])
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "lowbit quantize smollm2-135m" in page
+    again = run(*args)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("finished earlier with the same settings, reused") == 2
+    assert json.loads((out / "study.json").read_text())["rows"] == study["rows"]
