@@ -143,7 +143,7 @@ def compress(
 
 def _eval_in_subprocess(model: str, argv: list[str]) -> tuple[int, Optional[dict]]:
     """Evaluate one model in its own process so that its peak memory is its own: (exit status, result)."""
-    from lowbit.cli.child import run_lowbit
+    from lowbit.child import run_lowbit
 
     status, result = run_lowbit(["eval", model, *argv, "--json"])
     return status, result[0] if result else None

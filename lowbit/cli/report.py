@@ -9,6 +9,8 @@ from typing import Iterable
 from rich.console import Console
 from rich.table import Table
 
+from lowbit.evaluation.tasks import plus_minus
+
 
 def mb(n) -> str:
     return "-" if n is None else f"{n / 1e6:,.1f} MB"
@@ -81,11 +83,6 @@ def eval_table(results: Iterable[dict]) -> Table:
             gb(r["peak_rss_bytes"]),
         )
     return table
-
-
-def plus_minus(value: float, stderr: float) -> str:
-    """"0.412 ± 0.025": an accuracy with its standard error."""
-    return f"{value:.3f} ± {stderr:.3f}"
 
 
 def accuracy(task: dict | None, metric: str) -> str:

@@ -48,6 +48,11 @@ def mean_stderr(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def plus_minus(value: float, stderr: float) -> str:
+    """"0.412 ± 0.025": an accuracy with its standard error."""
+    return f"{value:.3f} ± {stderr:.3f}"
+
+
 def _result(task: str, corpus: str, hits: dict[str, list[bool]]) -> TaskResult:
     n = len(next(iter(hits.values())))
     metrics = {k: sum(v) / n for k, v in hits.items()}

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from lowbit.cli.report import plus_minus
+from lowbit.evaluation.tasks import plus_minus
 
 CHANCE = {("lambada", "acc"): 0.0, ("lambada", "acc_last"): 0.0, ("nextsent", "acc"): 0.25,
           ("nextsent", "acc_norm"): 0.25}

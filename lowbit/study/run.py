@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from lowbit.cli.child import run_lowbit
+from lowbit.child import run_lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats.compressed_tensors import read_record
 from lowbit.study.plan import Row, StudyPlan
