@@ -23,9 +23,10 @@ from lowbit.models.loader import resolve
 
 FULL_PRECISION = 16
 WIDTHS = (16, 8, 4, 3, 2)
-# Evaluation is compute-bound (float32 GEMMs, ~70 GFLOP/s on 2 Zen 3 cores): a row scores ~30k tokens in
-# about 3 minutes there, so ten rows fit well within an hour. Items per task: the standard error is
-# about 0.05 at 100 items (0.025 at lowbit eval's 400); bits per byte over 8,192 tokens varies far less.
+# Evaluation is compute-bound (float32 GEMMs, ~70 GFLOP/s on 2 Zen 3 cores): at these sizes a row takes
+# 4-5 minutes (SmolLM2) to 7 (Gemma 3, whose 262k-word head dominates) there, evaluation and running.
+# Items per task: the standard error is about 0.05 at 100 items (0.025 at lowbit eval's 400); bits per
+# byte over 8,192 tokens varies far less.
 STUDY_TOKENS = 8192
 STUDY_ITEMS = 100
 
