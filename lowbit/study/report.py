@@ -184,9 +184,9 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 def write_report(rows: list[dict], plan_record: dict, folder: Path) -> dict:
     """study.json, table.md, the plots and report.html in ``folder``; the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
-    said = conclusions(rows)
+    said, took = conclusions(rows), timing(rows)
     (folder / "study.json").write_text(json.dumps({"plan": plan_record, "rows": rows, "conclusions": said,
-                                                   "timing": timing(rows)}, indent=2))
+                                                   "timing": took}, indent=2))
     table = markdown(rows)
     (folder / "table.md").write_text(table)
     images = plot(rows, folder)
@@ -201,7 +201,7 @@ def write_report(rows: list[dict], plan_record: dict, folder: Path) -> dict:
             " (load, a 512-token prompt, 256 generated tokens) less the interpreter and libraries all rows share"
             + ("" if runtime is None else f" ({runtime / 1e6:.0f} MB)") + ".</p>",
             "<h2>Conclusion per memory budget</h2><ul>", *(f"<li>{html.escape(s)}</li>" for s in said), "</ul>",
-            f"<p>{html.escape(timing(rows))}</p>"]
+            f"<p>{html.escape(took)}</p>"]
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
         page.append(f"<p><img alt='{image.stem}' src='data:image/png;base64,{data}' style='max-width:100%'></p>")
