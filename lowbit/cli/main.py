@@ -156,7 +156,7 @@ def evaluate(
     seqlen: int = typer.Option(512, help="tokens per window"),
     max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens (default: all)"),
     dtype: str = typer.Option("float32", help="compute dtype: float32, bfloat16, float16"),
-    batch_size: int = typer.Option(4, help="windows (or task requests ÷ 2) per forward pass"),
+    batch_size: int = typer.Option(4, help="perplexity windows per forward pass; tasks run about 128 × this many tokens per pass"),
     tasks: str = typer.Option("", help="comma-separated offline tasks built from --ppl's held-out text: "
                               + "; ".join(f"{t.name}: {t.summary}" for t in TASKS.values())),
     seed: int = typer.Option(0, help="seed of the task items' construction"),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from lowbit.errors import LowbitError
 from lowbit.evaluation.loglikelihood import encode_pair, loglikelihoods
@@ -45,20 +46,51 @@ def _tiny_gemma3(vocab: int):
     return Gemma3ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding window shorter than the padding
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: a sliding window shorter than a packed row
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
-def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size, family):
-    """Also when requests share a context (run once, its cache copied to each continuation), with groups of
-    different context lengths whose continuations are batched across groups."""
+def test_loglikelihoods_match_a_forward_per_request_in_the_requests_order(tiny_tokenizer, batch_size, family, capsys):
+    """Packed: requests that share a context in one row (the context once), rows of different lengths
+    batched together; the probe accepts both families, so this is the packed path."""
     model = make_model(len(tiny_tokenizer)) if family == "llama" else _tiny_gemma3(len(tiny_tokenizer))
     requests = CHOICES[:2] + CHOICES_LONG[:1] + REQUESTS + CHOICES[2:] + CHOICES_LONG[1:]
     scored = loglikelihoods(model, tiny_tokenizer, requests, batch_size=batch_size)
+    assert "padded row" not in capsys.readouterr().err
     assert min(len(encode_pair(tiny_tokenizer, *r, None)[1]) for r in CHOICES) == 1
     for (context, continuation), s in zip(requests, scored):
         ll, greedy, last = _by_hand(model, tiny_tokenizer, context, continuation)
         assert s.loglikelihood == pytest.approx(ll, rel=1e-4, abs=1e-4)
         assert (s.greedy, s.last_greedy) == (greedy, last)
         assert s.tokens == len(encode_pair(tiny_tokenizer, context, continuation, None)[1])
+
+
+class _IgnoresTheMask(LlamaForCausalLM):
+    """A model that drops a custom attention mask (always causal): packing would let continuations see each other."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep=0, **kwargs):
+        return super().forward(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
+
+
+def test_a_model_that_ignores_the_packing_mask_is_probed_and_scored_unpacked_saying_so(tiny_tokenizer, capsys):
+    model = make_model(len(tiny_tokenizer))
+    ignoring = _IgnoresTheMask(model.config).eval()
+    ignoring.load_state_dict(model.state_dict())
+    scored = loglikelihoods(ignoring, tiny_tokenizer, CHOICES + REQUESTS, batch_size=4)
+    assert "scoring each request in a padded row of its own" in capsys.readouterr().err
+    for (context, continuation), s in zip(CHOICES + REQUESTS, scored):
+        assert s.loglikelihood == pytest.approx(_by_hand(model, tiny_tokenizer, context, continuation)[0], rel=1e-4)
+
+
+def test_a_request_longer_than_max_length_is_scored_on_its_last_tokens(tiny_tokenizer):
+    model = make_model(len(tiny_tokenizer))
+    requests = [CHOICES_LONG[0], CHOICES_LONG[2], REQUESTS[0]]
+    max_length = 9
+    scored = loglikelihoods(model, tiny_tokenizer, requests, max_length=max_length)
+    for (context, continuation), s in zip(requests, scored):
+        c, x = encode_pair(tiny_tokenizer, context, continuation, None)
+        ids = (c + x)[-(max_length + 1):]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0], -1)[-len(x):]
+        assert s.loglikelihood == pytest.approx(float(logprobs[torch.arange(len(x)), torch.tensor(x)].sum()), rel=1e-4)
 
 
 def test_a_model_that_repeats_the_text_is_greedy_everywhere(tiny_tokenizer):
