@@ -209,9 +209,16 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
-    """A model whose quantized Linears are :class:`QuantLinear` (dequantize on the fly), and its tokenizer."""
+    """:func:`quantized_model` and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    return quantized_model(folder, dtype), AutoTokenizer.from_pretrained(folder)
+
+
+def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model whose quantized Linears are :class:`QuantLinear` (dequantize on the fly)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     qc = config.quantization_config
@@ -262,8 +269,7 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     if missing:
         raise LowbitError(f"{folder} is missing tensors: {missing[:3]}")
     model.config.quantization_config = qc
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 def _is_tied_head(model: nn.Module, module: nn.Module) -> bool:

@@ -10,15 +10,28 @@ from lowbit.errors import LowbitError
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
-    """Dequantize a GGUF file to a full-precision transformers model (and its tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """:func:`gguf_model` and its tokenizer."""
+    return gguf_model(path, dtype), gguf_tokenizer(path)
+
+
+def gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise LowbitError(f"could not read the tokenizer of the GGUF file {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def gguf_model(path: Path, dtype: torch.dtype = torch.float32):
+    """Dequantize a GGUF file to a full-precision transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except Exception as exc:
         raise LowbitError(f"could not read the GGUF file {path}: {str(exc).splitlines()[0][:200]}") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return model.eval(), tokenizer
+    return model.eval()

@@ -8,15 +8,15 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.compressed_tensors import load_quantized
+from lowbit.formats.compressed_tensors import quantized_model
 from lowbit.models.allocator import lean_loading
-from lowbit.formats.gguf import load_gguf
+from lowbit.formats.gguf import gguf_model, gguf_tokenizer
 from lowbit.models.embedded import EMBEDDED, embedded_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -134,15 +134,27 @@ def _hub_unreachable(timeout_s: float = 3.0) -> Optional[Exception]:
     return None
 
 
+def _tokenizer_loader(name: str, **kwargs) -> Callable[[], Any]:
+    def load():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LowbitError(f"could not load the tokenizer of {name}: {str(exc).splitlines()[0][:200]}") from None
+
+    return load
+
+
 def _load_pretrained(name: str, dtype, allow_pickle: bool, trust_remote_code: bool, local_files_only: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, a function loading its tokenizer) of a transformers folder or hub id."""
+    from transformers import AutoModelForCausalLM
 
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local_files_only)
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, use_safetensors=None if allow_pickle else True, **kwargs
     )
-    return model.eval(), tokenizer
+    return model.eval(), _tokenizer_loader(name, **kwargs)
 
 
 def _hub_error(name: str, exc: Exception) -> LowbitError:
@@ -175,30 +187,46 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ):
-    """(model, tokenizer, source) for any model lowbit accepts; lowbit checkpoints load quantized.
+    """(model, tokenizer, source) for any model lowbit accepts; lowbit checkpoints load quantized."""
+    model, load_tokenizer, source = load_weights(name, dtype, allow_pickle, trust_remote_code)
+    return model, load_tokenizer(), source
+
+
+def load_weights(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """(model, a function loading its tokenizer, source): a caller that builds something from the model
+    loads the tokenizer once the build's temporaries are gone (Gemma 3's tokenizer alone holds 0.3 GB).
 
     Every floating tensor is checked to be finite: a damaged file is an error naming the tensor, not a NaN result.
     """
     source = resolve(name)
     with lean_loading():
-        model, tokenizer, source = _load(source, name, dtype, allow_pickle, trust_remote_code)
+        model, load_tokenizer, source = _load(source, name, dtype, allow_pickle, trust_remote_code)
         check_finite_model(model)
-    return model, tokenizer, source
+    return model, load_tokenizer, source
 
 
 def _load(source: ModelSource, name: str, dtype, allow_pickle: bool, trust_remote_code: bool):
     if source.kind == "gguf":
-        return (*load_gguf(source.path, dtype), source)
+        return gguf_model(source.path, dtype), lambda: gguf_tokenizer(source.path), source
     if source.kind == "hub":
         try:
-            return (*_load_pretrained(name, dtype, allow_pickle, trust_remote_code, local_files_only=True), source)
-        except (OSError, ValueError):
+            model, load_tokenizer = _load_pretrained(name, dtype, allow_pickle, trust_remote_code, local_files_only=True)
+            tokenizer = load_tokenizer()  # here: a tokenizer missing from the cache is asked of the hub too
+            return model, lambda: tokenizer, source
+        except (OSError, ValueError, LowbitError):
             pass  # not cached: ask the hub, if it can be reached
         unreachable = _hub_unreachable()
         if unreachable:
             raise _hub_error(name, unreachable)
         try:
-            return (*_load_pretrained(name, dtype, allow_pickle, trust_remote_code), source)
+            model, load_tokenizer = _load_pretrained(name, dtype, allow_pickle, trust_remote_code)
+            tokenizer = load_tokenizer()
+            return model, lambda: tokenizer, source
         except LowbitError:
             raise
         except (OSError, ValueError) as exc:
@@ -208,8 +236,7 @@ def _load(source: ModelSource, name: str, dtype, allow_pickle: bool, trust_remot
     folder = source.path
     check_safetensors(folder, allow_pickle)
     if is_compressed_tensors(folder):
-        model, tokenizer = load_quantized(folder, dtype)
-        return model, tokenizer, source
+        return quantized_model(folder, dtype), _tokenizer_loader(str(folder)), source
     try:
         return (*_load_pretrained(str(folder), dtype, allow_pickle, trust_remote_code), source)
     except (OSError, ValueError, KeyError) as exc:

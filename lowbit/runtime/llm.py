@@ -12,7 +12,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import current_rss_bytes
 from lowbit.models.allocator import lean_loading, release_freed_memory
-from lowbit.models.loader import import_model_code, load_model
+from lowbit.models.loader import import_model_code, load_weights
 from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.runtime.hf_decoder import HFDecoder
@@ -64,7 +64,7 @@ class LLM:
         start = time.perf_counter()
         import_model_code(model)
         self.rss_before_load_bytes = current_rss_bytes()
-        hf_model, self.tokenizer, self.source = load_model(model, torch.float32, allow_pickle, trust_remote_code)
+        hf_model, load_tokenizer, self.source = load_weights(model, torch.float32, allow_pickle, trust_remote_code)
         if quantization is not None and self.source.quantized:
             raise LowbitError(f"{model} is already quantized; drop --quantization")
         limit = getattr(hf_model.config, "max_position_embeddings", None) or max_model_len
@@ -79,6 +79,8 @@ class LLM:
             else:
                 self.decoder = HFDecoder(hf_model, self.max_model_len, body)
             del hf_model
+        release_freed_memory()
+        self.tokenizer = load_tokenizer()  # after the build's temporaries: they and Gemma's 0.3 GB would add up
         self.notices = self._notices()
         for line in self.notices:
             print(line, file=sys.stderr, flush=True)

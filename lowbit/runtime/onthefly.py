@@ -28,10 +28,22 @@ def quantizer_for(name: str) -> Callable[[torch.Tensor, Optional[torch.Tensor], 
     def make(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> nn.Module:
         if args is None:
             return Fp8Linear(weight, bias, dtype)
-        rows_args = resolve_group_size(args, weight.shape[1])
-        parts = [quantize(rows.float(), rows_args, torch.float32) for rows in weight.split(QUANTIZE_ROWS)]
-        zero_point = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
-        qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero_point, rows_args)
-        return fast_linear(qw, bias=bias, dtype=dtype)
+        return fast_linear(_round_by_rows(weight, resolve_group_size(args, weight.shape[1])), bias=bias, dtype=dtype)
 
     return make
+
+
+def _round_by_rows(weight: torch.Tensor, args: QuantizationArgs) -> QuantizedWeight:
+    """RTN of ``weight`` [N, K], :data:`QUANTIZE_ROWS` rows at a time, written into tensors allocated once
+    (a 262k-row head would otherwise hold its int8 copy twice while the pieces are joined)."""
+    out: Optional[QuantizedWeight] = None
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+        part = quantize(weight[start : start + QUANTIZE_ROWS].float(), args, torch.float32)
+        if out is None:
+            full = lambda t: None if t is None else t.new_empty((weight.shape[0], *t.shape[1:]))  # noqa: E731
+            out = QuantizedWeight(full(part.q), full(part.scale), full(part.zero_point), args)
+        rows = slice(start, start + part.q.shape[0])
+        out.q[rows], out.scale[rows] = part.q, part.scale
+        if part.zero_point is not None:
+            out.zero_point[rows] = part.zero_point
+    return out
