@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,16 +93,20 @@ def quantize(
     trust_remote_code: bool = False,
     progress: bool = True,
     return_model: bool = False,
+    smoothquant: Union[float, str, None] = None,
 ):
     """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint.
 
     Example: ``lowbit.quantize("smollm2-135m", lowbit.W4A16(group_size=64), method="gptq",
     calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
-    (and the quantized model too with ``return_model=True``). ``calib`` is read only by methods that need data.
+    (and the quantized model too with ``return_model=True``). ``calib`` is read only where data is needed
+    (the method, ``smoothquant``: α or "auto", static activation scales). Activation schemes: ``lowbit.W8A8()``,
+    ``W8A8_STATIC()``, ``W4A8()``.
     """
     algorithm = get_method(method)
-    recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head)
-    calib = calib if algorithm.needs_calibration else None
+    recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head,
+                    smoothquant=smoothquant)
+    calib = calib if recipe.needs_data else None
     return _run(model, recipe, calib, nsamples, seqlen, seed, output_dir, overwrite, batch_size,
                 (allow_pickle, trust_remote_code), progress, return_model)
 
@@ -161,6 +166,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         **recipe.record(),
         "calibration": calib_record,
         "layers": [asdict(layer) for layer in report.layers],
+        "smoothquant_alpha": report.smoothing or None,
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
@@ -179,7 +185,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         peak_rss_bytes=peak_rss_bytes(),
         layers=len(report.layers),
         fallbacks=fallbacks,
-        notes=consumer_notes(recipe.scheme),
+        notes=consumer_notes(recipe.scheme) + alpha_notes(report.smoothing),
         distribution=report.distribution(),
     )
     return (result, hf_model, tokenizer) if return_model else result
@@ -212,6 +218,19 @@ def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
 def fallback_notices(layers) -> list[str]:
     """One line per kind of layer (q_proj, …) whose group size fell back, with what it got."""
     return sorted({f"{layer.name.rsplit('.', 1)[-1]}: {layer.fallback}" for layer in layers})
+
+
+def alpha_notes(smoothing: dict) -> list[str]:
+    """SmoothQuant's α per kind of smoothed op, counted over the blocks ("input_layernorm: 0.5 ×12, off ×2");
+    every op's own is in the checkpoint's lowbit_recipe.json (smoothquant_alpha)."""
+    by_kind: dict[str, dict[str, int]] = {}
+    for name, alpha in smoothing.items():
+        kind = re.sub(r"^.*?\.\d+\.", "", name)
+        label = "off" if alpha is None else f"{alpha:g}"
+        by_kind.setdefault(kind, {}).setdefault(label, 0)
+        by_kind[kind][label] += 1
+    return [f"SmoothQuant alpha, {kind}: " + ", ".join(f"{a} x{n}" for a, n in sorted(counts.items()))
+            for kind, counts in by_kind.items()]
 
 
 def consumer_notes(scheme: QuantizationScheme) -> list[str]:

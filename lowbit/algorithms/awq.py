@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.smoothing import applicable, fold_scales
 from lowbit.calibration.statistics import HessianAccumulator, capture_inputs, first_input, observe_inputs
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.args import QuantizationArgs
@@ -63,18 +64,6 @@ def gptq_rounding(W: torch.Tensor, H: torch.Tensor, args: QuantizationArgs) -> t
 
 def _first(y):
     return y[0] if isinstance(y, tuple) else y
-
-
-def _scale_previous(previous: nn.Module, s: torch.Tensor, norm_offset: float) -> None:
-    """Divide the output channels of ``previous`` by s (a norm computes (offset + weight) · x̂ + bias)."""
-    if isinstance(previous, nn.Linear):
-        previous.weight.data.div_(s[:, None].to(previous.weight.dtype))
-    else:
-        w = previous.weight.data
-        w.copy_((w.float() + norm_offset) / s - norm_offset)
-    bias = getattr(previous, "bias", None)
-    if bias is not None:
-        bias.data.div_(s.to(bias.dtype))
 
 
 def _relative_weight_magnitude(balance: list[nn.Linear], args: QuantizationArgs) -> torch.Tensor:
@@ -181,19 +170,11 @@ def awq_transform_block(
             break
         batches.append((x, kw))
         tokens += x.shape[0] * x.shape[1]
-    applicable = []
-    for sm in smoothings:
-        previous = block.get_submodule(sm.previous)
-        balance = [block.get_submodule(name) for name in sm.balance]
-        width = previous.out_features if isinstance(previous, nn.Linear) else previous.weight.shape[0]
-        if all(layer.in_features == width for layer in balance):  # e.g. v → o does not apply under GQA
-            applicable.append((sm, previous, balance))
-    seen_inspect = capture_inputs(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in applicable})
-    for sm, previous, balance in applicable:
+    found = applicable(block, smoothings)
+    seen_inspect = capture_inputs(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in found})
+    for sm, previous, balance in found:
         s = search_scales(block.get_submodule(sm.inspect), seen_inspect[sm.inspect], balance, args, rounding, n_grid)
-        _scale_previous(previous, s, norm_offset)
-        for layer in balance:
-            layer.weight.data.mul_(s.to(layer.weight.dtype))
+        fold_scales(previous, balance, s, norm_offset)
     if not clip:
         return
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}

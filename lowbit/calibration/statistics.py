@@ -190,3 +190,18 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
         for block in blocks:
             del block.forward
     return inputs, block_kwargs
+
+
+@torch.no_grad()
+def input_amax(block: nn.Module, linears: Mapping[str, nn.Linear], calls: list[Call]) -> dict[str, torch.Tensor]:
+    """max |x| over every input of each Linear during the block's calls (a scalar tensor per name);
+    Linears fed the same tensor (q/k/v, gate/up) get the same value, so a fused runtime layer can share it."""
+    amax = {name: torch.zeros(()) for name in linears}
+
+    def observe(name: str, args: tuple, kwargs: dict) -> None:
+        amax[name] = torch.maximum(amax[name], first_input(args, kwargs).detach().abs().amax().float())
+
+    with observe_inputs(linears, observe):
+        for x, kw in calls:
+            block(x, **kw)
+    return amax

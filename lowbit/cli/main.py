@@ -13,7 +13,7 @@ import typer
 from lowbit import __version__
 from lowbit.algorithms import methods_help
 from lowbit.evaluation.tasks import TASKS
-from lowbit.schemes.args import MODES
+from lowbit.schemes.args import MODES, PRESETS
 from lowbit.study.plan import STUDY_ITEMS, STUDY_TOKENS
 from lowbit.errors import LowbitError
 
@@ -56,9 +56,18 @@ def quantize(
     model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
     output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
     method: str = typer.Option("gptq", help=methods_help()),
-    bits: int = typer.Option(4, help="weight bits: 2, 3, 4 or 8"),
-    group_size: int = typer.Option(128, help="columns per scale; 0 = one scale per output channel"),
+    bits: Optional[int] = typer.Option(None, help="weight bits: 2, 3, 4 (default) or 8"),
+    group_size: Optional[int] = typer.Option(
+        None, help="columns per scale; 0 = one scale per output channel (default 128; a --scheme's own otherwise)"
+    ),
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
+    scheme_name: Optional[str] = typer.Option(
+        None, "--scheme", help="a preset instead of --bits/--asym: " + ", ".join(PRESETS)
+        + " (W8A8, W8A8_STATIC, W4A8 quantize the linears' inputs too)"
+    ),
+    smoothquant: Optional[str] = typer.Option(
+        None, help="SmoothQuant before the rounding, for activation schemes: alpha (0-1) or auto (tuned per layer)"
+    ),
     act_order: bool = typer.Option(
         True, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups)"
     ),
@@ -76,12 +85,12 @@ def quantize(
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
-    """Quantize a model's weights and save a compressed-tensors checkpoint."""
+    """Quantize a model's weights (and with --scheme W8A8/W8A8_STATIC/W4A8 its linears' inputs) and save a
+    compressed-tensors checkpoint."""
     from lowbit import api
     from lowbit.cli.report import emit_json, print_table, quantize_table
-    from lowbit.schemes import make_scheme
 
-    scheme = make_scheme(bits, group_size, not asym, "weight" if act_order else None, observer)
+    scheme = _quantize_scheme(scheme_name, bits, group_size, asym, "weight" if act_order else None, observer)
     _quiet_transformers()
     result = api.quantize(
         model,
@@ -97,11 +106,39 @@ def quantize(
         seed=seed,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        smoothquant=_alpha(smoothquant),
     ).to_dict()
     if as_json:
         emit_json(result)
     else:
         print_table(quantize_table(result))
+
+
+def _quantize_scheme(name: Optional[str], bits: Optional[int], group_size: Optional[int], asym: bool, actorder,
+                     observer: str):
+    """The scheme ``lowbit quantize`` was asked for: a --scheme preset, or --bits/--group-size/--asym."""
+    from lowbit.schemes import make_scheme
+
+    if name is None:
+        return make_scheme(4 if bits is None else bits, 128 if group_size is None else group_size, not asym,
+                           actorder, observer)
+    preset = PRESETS.get(name.upper())
+    if preset is None:
+        raise LowbitError(f"unknown scheme {name!r}; choose one of {', '.join(PRESETS)}")
+    if bits is not None or asym:
+        raise LowbitError("--scheme sets the bits and the grid: drop --bits/--asym, or drop --scheme")
+    options = {} if group_size is None else {"group_size": group_size or None}
+    return preset(actorder=actorder, observer=observer, **options)
+
+
+def _alpha(text: Optional[str]):
+    """--smoothquant's value: "auto", a number, or None; anything else is passed on to be refused in one line."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 @app.command()

@@ -19,6 +19,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ from lowbit.formats.packing import pack_int32, unpack_int32
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 
 QUANTIZED = (QuantLinear, QuantEmbedding)
+from lowbit.schemes.activations import check_activation_args
 from lowbit.schemes.args import QuantizationArgs
 
 WEIGHTS_FILE = "model.safetensors"
@@ -69,6 +71,7 @@ def _args_from_dict(d: dict) -> QuantizationArgs:
             strategy=d.get("strategy") or ("group" if d.get("group_size") else "channel"),
             group_size=d.get("group_size"),
             actorder=d.get("actorder"),
+            dynamic=bool(d.get("dynamic", False)),
             zp_dtype=(d.get("zp_dtype") or "").removeprefix("torch.") or None,
         )
     except KeyError as exc:
@@ -78,31 +81,43 @@ def _args_from_dict(d: dict) -> QuantizationArgs:
 _BLOCK_INDEX = re.compile(r"^.*?\.\d+\.")
 
 
+def _schemes(layer: nn.Module) -> tuple[QuantizationArgs, Optional[QuantizationArgs]]:
+    """(weights, input activations) of a quantized module."""
+    return layer.args, getattr(layer, "input_args", None)
+
+
 def config_groups(layers: dict[str, QuantLinear]) -> dict:
-    """One config group per distinct weight scheme; targets are ``re:`` patterns on the name
-    inside a block (e.g. ``re:.*self_attn\\.q_proj$``) when every block agrees, else exact names."""
+    """One config group per distinct (weights, input activations) scheme; targets are ``re:`` patterns on
+    the name inside a block (e.g. ``re:.*self_attn\\.q_proj$``) when every block agrees, else exact names."""
     by_suffix: dict[str, set] = defaultdict(set)
     for name, layer in layers.items():
-        by_suffix[_BLOCK_INDEX.sub("", name)].add(layer.args)
-    groups: dict[QuantizationArgs, list[str]] = defaultdict(list)
+        by_suffix[_BLOCK_INDEX.sub("", name)].add(_schemes(layer))
+    groups: dict[tuple, list[str]] = defaultdict(list)
     for name, layer in layers.items():
         suffix = _BLOCK_INDEX.sub("", name)
         if len(by_suffix[suffix]) == 1 and suffix != name:
             target = "re:.*" + re.escape(suffix) + "$"
         else:
             target = name
-        if target not in groups[layer.args]:
-            groups[layer.args].append(target)
+        if target not in groups[_schemes(layer)]:
+            groups[_schemes(layer)].append(target)
     return {
         f"group_{i}": {
             "targets": targets,
             "weights": _args_dict(args),
-            "input_activations": None,
+            "input_activations": None if inputs is None else _input_args_dict(inputs),
             "output_activations": None,
             "format": _format(args),
         }
-        for i, (args, targets) in enumerate(groups.items())
+        for i, ((args, inputs), targets) in enumerate(groups.items())
     }
+
+
+def _input_args_dict(args: QuantizationArgs) -> dict:
+    """An activation scheme as compressed-tensors states it (no observer for dynamic scales)."""
+    d = _args_dict(args)
+    d.update(group_size=None, actorder=None, observer=None if args.dynamic else "minmax")
+    return d
 
 
 def _quantized_modules(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
@@ -158,6 +173,8 @@ def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{name}.weight_zero_point"] = pack_int32(layer.weight_zero_point, args.num_bits, dim=0)
     if getattr(layer, "bias", None) is not None:
         out[f"{name}.bias"] = layer.bias.detach().contiguous()
+    if getattr(layer, "input_scale", None) is not None:
+        out[f"{name}.input_scale"] = layer.input_scale.detach().contiguous()
     return out
 
 
@@ -215,6 +232,11 @@ def load_quantized(folder: Path, dtype: torch.dtype = torch.float32):
     return quantized_model(folder, dtype), AutoTokenizer.from_pretrained(folder)
 
 
+def _input_args_from(group: dict) -> Optional[QuantizationArgs]:
+    d = group.get("input_activations")
+    return None if d is None else check_activation_args(_args_from_dict(d))
+
+
 def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A model whose quantized Linears are :class:`QuantLinear` (dequantize on the fly)."""
     from accelerate import init_empty_weights
@@ -228,13 +250,14 @@ def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     ignore = set(qc.get("ignore") or [])
-    groups = [(g["targets"], _args_from_dict(g["weights"])) for g in qc["config_groups"].values()]
+    groups = [(g["targets"], _args_from_dict(g["weights"]), _input_args_from(g)) for g in qc["config_groups"].values()]
     tensors = _read_tensors(folder)
     state: dict[str, torch.Tensor] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)) or name in ignore:
             continue
-        args = next((a for targets, a in groups if any(_matches(name, module, t) for t in targets)), None)
+        args, input_args = next(((a, i) for targets, a, i in groups if any(_matches(name, module, t) for t in targets)),
+                                (None, None))
         if args is None:
             continue
         shape = tuple(module.weight.shape)
@@ -250,7 +273,9 @@ def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         if isinstance(module, nn.Embedding):
             layer = QuantEmbedding(*shape, args, dtype, device="meta", embed_scale=getattr(module, "embed_scale", None))
         else:
-            layer = QuantLinear(*shape[::-1], args, module.bias is not None, dtype, device="meta")
+            layer = QuantLinear(*shape[::-1], args, module.bias is not None, dtype, device="meta", input_args=input_args)
+            if layer.input_scale is not None:
+                state[f"{name}.input_scale"] = tensors.pop(f"{name}.input_scale").to(dtype).reshape(1)
         state[f"{name}.weight_q"] = q
         state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale").to(dtype)
         zp = tensors.pop(f"{name}.weight_zero_point", None)

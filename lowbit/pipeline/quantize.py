@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lowbit.algorithms import get_method
 from lowbit.algorithms.mixed_precision import LayerSensitivity, choose_primary, sensitivity
+from lowbit.algorithms.smoothquant import smoothquant_transform_block
 from lowbit.calibration.sampling import self_generated_windows
 from lowbit.calibration.statistics import (
     HessianAccumulator,
@@ -28,6 +29,7 @@ from lowbit.calibration.statistics import (
     capture_block_inputs,
     collect_hessians,
     empirical_fisher,
+    input_amax,
     run_block,
 )
 from lowbit.models.architectures import architecture_of, decoder_blocks
@@ -35,6 +37,7 @@ from lowbit.models.loader import check_finite
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.pipeline.targets import Targets, select_targets
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
+from lowbit.schemes.activations import static_scale
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import QuantizedWeight, group_size_fallback, resolve_group_size
 
@@ -56,6 +59,7 @@ class QuantizationReport:
     recipe: Recipe
     layers: list[LayerReport] = field(default_factory=list)
     self_generated: bool = False  # the Fisher ranking ran on sequences the model sampled itself
+    smoothing: dict[str, Optional[float]] = field(default_factory=dict)  # SmoothQuant's α per smoothed op (None: s = 1)
 
     @property
     def fallbacks(self) -> list[LayerReport]:
@@ -99,10 +103,13 @@ class _Rounder:
         qw, loss = self.cache.pop(name, None) or method.quantize(W, H, args)
         return qw, loss, group_size_fallback(requested, args, W.shape[1])
 
-    def linear(self, name: str, linear: nn.Linear, H: Optional[torch.Tensor] = None, ranked: bool = True) -> None:
+    def linear(self, name: str, linear: nn.Linear, H: Optional[torch.Tensor] = None, ranked: bool = True,
+               in_block: bool = False, input_scale: Optional[torch.Tensor] = None) -> None:
+        """Round and swap one Linear; a decoder block's (``in_block``) gets the recipe's activation scheme."""
         on_primary = name in self.primary
         qw, loss, fallback = self.round(name, linear.weight.data, H, on_primary)
-        replace_module(self.model, name, QuantLinear.from_quantized(qw, linear.bias))
+        acts = self.recipe.scheme.input_activations if in_block else None
+        replace_module(self.model, name, QuantLinear.from_quantized(qw, linear.bias, acts, input_scale))
         self._note(name, linear.weight, qw.args, loss, ranked, fallback)
 
     def embedding(self, name: str, embedding: nn.Embedding, tied_head: Optional[str], ranked: bool) -> None:
@@ -161,7 +168,7 @@ def quantize_model(
     rounder = _Rounder(model, recipe, report)
     extra_ranked = recipe.embeddings == "ranked"
     rounder.primary = _rank(model, recipe, targets.ranked(extra_ranked), rounder, calibration, report)
-    outputs = _quantize_blocks(model, recipe, targets, rounder, calibration, batch_size, on_step)
+    outputs = _quantize_blocks(model, recipe, targets, rounder, calibration, batch_size, on_step, report)
     for name, module in targets.extra.items():
         if isinstance(module, nn.Embedding):
             rounder.embedding(name, module, targets.tied_head, extra_ranked)
@@ -172,22 +179,29 @@ def quantize_model(
     return report
 
 
-def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder, calibration, batch_size, on_step):
+def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder, calibration, batch_size, on_step,
+                     report: QuantizationReport):
     """Steps 3 of the module docstring; the last block's outputs (None without data)."""
-    method = recipe.method
-    _, blocks = decoder_blocks(model)
+    method, acts = recipe.method, recipe.scheme.input_activations
+    blocks_path, blocks = decoder_blocks(model)
     arch = architecture_of(model)
     inputs = block_kwargs = None
-    if method.needs_calibration:
+    if recipe.needs_data:
         inputs, block_kwargs = capture_block_inputs(model, blocks, list(calibration.split(batch_size)))
     for i, block in enumerate(blocks):
         linears = targets.blocks[i]
         calls = None if inputs is None else list(zip(inputs, block_kwargs[i]))
+        if recipe.smoothquant is not None:
+            chosen = smoothquant_transform_block(block, calls, arch.smoothing, recipe.smoothquant, arch.norm_offset)
+            report.smoothing.update({f"{blocks_path}.{i}.{op}": alpha for op, alpha in chosen.items()})
         if method.transform is not None:
             method.transform(block, calls, recipe.scheme.weights, arch.smoothing, arch.norm_offset)
         hessians = collect_hessians(block, linears, calls) if calls is not None and method.uses_hessian else {}
+        amax = input_amax(block, linears, calls) if acts and not acts.dynamic else {}
         for name, linear in linears.items():
-            rounder.linear(name, linear, hessians.get(name))
+            scale = amax.get(name)
+            rounder.linear(name, linear, hessians.get(name), in_block=True,
+                           input_scale=None if scale is None else static_scale(scale, acts))
         if calls is not None and (i + 1 < len(blocks) or targets.lm_head is not None):
             inputs = run_block(block, calls)
         if on_step:

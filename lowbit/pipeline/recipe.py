@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 from lowbit.algorithms import Method, data_free_methods, get_method
 from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS
 from lowbit.errors import LowbitError
+from lowbit.schemes.activations import check_activation_args
 from lowbit.schemes.args import QuantizationArgs, QuantizationScheme, mode_scheme
 
 # the precision of layers kept out of the primary scheme (too sensitive, or embeddings), as in NNCF
@@ -29,8 +30,10 @@ class Recipe:
     them with the decoder's linears (a tied head reads the embedding's quantized table).
     ``include_lm_head``: the head on ``scheme``, calibrated on the final norm's outputs (its tied
     embedding stays full precision). ``ignore``: module names or ``re:`` patterns left alone.
-    ``kv_cache_scheme`` (compressed-tensors' name) is where a quantized KV cache attaches, as
-    ``scheme.input_activations`` is for activations: neither is implemented yet, so both are refused.
+    ``scheme.input_activations``: the decoder linears' inputs quantized too (not the head's);
+    ``smoothquant``: α (0–1) or "auto" (tuned per smoothing) of SmoothQuant before the rounding, for
+    activation schemes, from calibration text. ``kv_cache_scheme`` (compressed-tensors' name) is where
+    a quantized KV cache attaches: not implemented yet, so refused.
     ``preset``: the compress mode the scheme came from, for the record.
     """
 
@@ -44,6 +47,13 @@ class Recipe:
     backup: QuantizationArgs = BACKUP
     kv_cache_scheme: Optional[QuantizationArgs] = None
     preset: Optional[str] = None
+    smoothquant: Optional[Union[float, str]] = None
+
+    @property
+    def needs_data(self) -> bool:
+        """Calibration text is read: by the method, SmoothQuant, or static activation scales."""
+        acts = self.scheme.input_activations
+        return self.method.needs_calibration or self.smoothquant is not None or (acts is not None and not acts.dynamic)
 
     def checked(self, has_data: bool) -> "Recipe":
         """This recipe with its defaults filled in (act-order dropped where the method has no column
@@ -54,8 +64,17 @@ class Recipe:
             raise LowbitError(problem)
         if method.needs_calibration and not has_data:
             raise LowbitError(f"method {method.name} needs calibration text: pass --calib")
-        if self.scheme.input_activations is not None:
-            raise LowbitError("activation quantization (input_activations) is not implemented yet; weights only")
+        acts = self.scheme.input_activations
+        if acts is not None:
+            check_activation_args(acts)
+            if not acts.dynamic and not has_data:
+                raise LowbitError("static activation scales are calibrated: pass --calib")
+        if self.smoothquant is not None:
+            check_smoothquant(self.smoothquant, acts)
+            if method.transform is not None:
+                raise LowbitError(f"SmoothQuant and {method.name} both rescale channels: choose rtn or gptq with it")
+            if not has_data:
+                raise LowbitError("SmoothQuant measures activations: pass --calib")
         if self.kv_cache_scheme is not None:
             raise LowbitError("KV-cache quantization (kv_cache_scheme) is not implemented yet")
         if self.embeddings not in EXTRA_LAYERS:
@@ -93,7 +112,9 @@ class Recipe:
             "scheme": self.scheme.describe(),
             "mode": self.preset,
             "weights": self.scheme.weights.to_dict(),
-            "input_activations": None,
+            "input_activations": None if self.scheme.input_activations is None
+            else self.scheme.input_activations.to_dict(),
+            "smoothquant": self.smoothquant,
             "kv_cache_scheme": None,
             "ratio": self.ratio,
             "backup": self.backup.describe() if self.ratio < 1.0 or self.embeddings else None,
@@ -117,3 +138,13 @@ def compress_recipe(
         sensitivity_metric=sensitivity_metric, embeddings="ranked" if all_layers else "backup", ignore=tuple(ignore),
         preset=mode,
     )
+
+
+def check_smoothquant(alpha, input_activations: Optional[QuantizationArgs]) -> None:
+    """A one-line :class:`LowbitError` unless ``alpha`` is "auto" or a number in [0, 1] and activations are quantized."""
+    if input_activations is None:
+        raise LowbitError("SmoothQuant is for quantized activations: choose an activation scheme (e.g. --scheme W8A8)")
+    if alpha == "auto":
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise LowbitError(f"SmoothQuant alpha is 'auto' or a number between 0 and 1, got {alpha!r}")

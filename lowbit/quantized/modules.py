@@ -1,4 +1,5 @@
-"""A Linear layer that keeps its weight on the integer grid and dequantizes it when called."""
+"""A Linear layer that keeps its weight on the integer grid and dequantizes it when called; with an
+activation scheme its input is quantized first, exactly as the int8/FP8 matmul would see it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.schemes.activations import fake_quantize_activation
 from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import QuantizedWeight, dequantize
 
@@ -23,7 +25,8 @@ def _register_grid_buffers(module: nn.Module, rows: int, cols: int, args: Quanti
 
 
 class QuantLinear(nn.Module):
-    """y = x ŵᵀ + b with ŵ = (q − z)·s rebuilt from int8 ``weight_q`` [out, in] on every call."""
+    """y = x̂ ŵᵀ + b with ŵ = (q − z)·s rebuilt from int8 ``weight_q`` [out, in] on every call, and x̂ = x
+    or, with ``input_args``, x quantized per token or per tensor (static: the calibrated ``input_scale``)."""
 
     def __init__(
         self,
@@ -33,32 +36,43 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device=None,
+        input_args: Optional[QuantizationArgs] = None,
     ):
         super().__init__()
-        self.in_features, self.out_features, self.args = in_features, out_features, args
+        self.in_features, self.out_features, self.args, self.input_args = in_features, out_features, args, input_args
         _register_grid_buffers(self, out_features, in_features, args, dtype, device)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        static = input_args is not None and not input_args.dynamic
+        self.register_buffer("input_scale", torch.empty(1, dtype=dtype, device=device) if static else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                       input_args: Optional[QuantizationArgs] = None,
+                       input_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
         out_features, in_features = qw.shape
-        layer = cls(in_features, out_features, qw.args, bias is not None, qw.scale.dtype, device="meta")
+        layer = cls(in_features, out_features, qw.args, bias is not None, qw.scale.dtype, device="meta",
+                    input_args=input_args)
         layer.weight_q = qw.q
         layer.weight_scale = qw.scale
         layer.weight_zero_point = qw.zero_point
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if layer.input_scale is not None:
+            layer.input_scale = input_scale.detach().reshape(1).to(qw.scale.dtype).clone()
         return layer
 
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(self.weight_q, self.weight_scale, self.weight_zero_point, self.args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_args is not None:
+            x = fake_quantize_activation(x, self.input_args, self.input_scale)
         w = dequantize(self.quantized_weight(), x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.args.describe()}"
+        acts = "" if self.input_args is None else f", input {self.input_args.describe()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.args.describe()}{acts}"
 
 
 class QuantEmbedding(nn.Module):

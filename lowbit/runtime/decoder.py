@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import ARCHITECTURES, Architecture, architecture_of
 from lowbit.runtime.cpu import compute_dtype
-from lowbit.runtime.kernels import DenseLinear, PackedLinear, fast_linear, kernels_by_kind, unavailable_reason
+from lowbit.runtime.kernels import (
+    DenseLinear,
+    PackedLinear,
+    fast_linear,
+    kernels_by_kind,
+    unavailable_reason,
+    with_input_quantization,
+)
 from lowbit.runtime.native import native_module
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.grid import QuantizedWeight
@@ -43,8 +50,8 @@ ATTENTION_CHUNK = 256
 WeightQuantizer = Callable[[torch.Tensor, Optional[torch.Tensor], torch.dtype], nn.Module]
 
 
-def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
-    """One fast linear computing several projections of the same input (outputs concatenated)."""
+def _fused_weights(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
+    """One fast linear computing several projections of the same input (outputs concatenated), weights only."""
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)]
@@ -57,6 +64,11 @@ def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype)
     weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
     weight = weights[0].detach().float() if len(weights) == 1 else torch.cat([w.detach().float() for w in weights])
     return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
+
+
+def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
+    """:func:`_fused_weights` behind the modules' input quantization, if the checkpoint has one."""
+    return with_input_quantization(_fused_weights(modules, quantize, dtype), modules)
 
 
 def _step_projection(native, m: nn.Module):

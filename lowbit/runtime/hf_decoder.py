@@ -10,7 +10,7 @@ import torch.nn as nn
 from lowbit.models.architectures import decoder_blocks
 from lowbit.quantized.modules import QuantLinear, replace_module
 from lowbit.runtime.cpu import compute_dtype
-from lowbit.runtime.kernels import FastLinear, fast_linear, kernels_by_kind
+from lowbit.runtime.kernels import FastLinear, fast_linear, kernels_by_kind, with_input_quantization
 
 
 class HFDecoder(nn.Module):
@@ -36,7 +36,7 @@ class HFDecoder(nn.Module):
     @staticmethod
     def _fast(module: nn.Module, quantize, dtype) -> Optional[nn.Module]:
         if isinstance(module, QuantLinear):
-            return fast_linear(module.quantized_weight(), bias=module.bias, dtype=dtype)
+            return with_input_quantization(fast_linear(module.quantized_weight(), bias=module.bias, dtype=dtype), [module])
         if isinstance(module, nn.Linear) and quantize is not None:
             return quantize(module.weight.detach(), module.bias, dtype)
         return None

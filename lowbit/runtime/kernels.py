@@ -7,6 +7,8 @@
 * :class:`DenseLinear`: full-precision weights in the compute dtype; also the stand-in, announced,
   for a quantized layer the kernels cannot take (code books, odd group sizes, no compiler).
 * :class:`Fp8Linear`: float8 e4m3 weights, upcast per call (no fp8 GEMM on CPU).
+* :class:`InputQuantLinear`: a checkpoint's activation scheme (W8A8, W4A8) around any of them: the
+  input is quantized per token or tensor exactly as evaluation does, then the weight kernel runs.
 
 The compute dtype (:func:`lowbit.runtime.cpu.compute_dtype`) is bfloat16 only where the CPU has bf16
 arithmetic; elsewhere bf16 GEMMs are several times slower than float32.
@@ -20,9 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowbit.errors import LowbitError
 from lowbit.runtime.cpu import compute_dtype, selected_isa
 from lowbit.runtime.layout import DECODE_ROWS, PackedWeight, dequantize_packed, pack, why_not_packable
 from lowbit.runtime.native import build_failure, disabled, native_module
+from lowbit.schemes.activations import fake_quantize_activation
+from lowbit.schemes.args import QuantizationArgs
 from lowbit.schemes.grid import QuantizedWeight
 
 
@@ -115,6 +120,39 @@ class Fp8Linear(FastLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(self.dtype) * self.scale[:, None]
         return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), w), x)
+
+
+class InputQuantLinear(FastLinear):
+    """``inner`` on x̂: the input quantized as the checkpoint's ``input_activations`` say (static: ``input_scale``).
+
+    Correct numerics, not yet the speed: no int8 × int8 kernel runs here, so the notice says so.
+    """
+
+    fallback = "activations quantized in PyTorch, then the weight-only kernel (no int8 x int8 kernel yet)"
+
+    def __init__(self, inner: FastLinear, input_args: QuantizationArgs, input_scale: Optional[torch.Tensor] = None):
+        super().__init__(None, inner.dtype)
+        self.inner, self.input_args = inner, input_args
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().reshape(1))
+        self.kernel = f"{input_args.describe()} inputs, then {inner.kernel}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(fake_quantize_activation(x, self.input_args, self.input_scale))
+
+
+def with_input_quantization(layer: nn.Module, modules: list[nn.Module]) -> nn.Module:
+    """``layer`` (computing ``modules`` fused) behind their input quantization, if they have one; fused
+    modules with static scales share the largest (as vLLM does; lowbit's own checkpoints calibrate one
+    scale per shared input, so theirs agree)."""
+    args = {getattr(m, "input_args", None) for m in modules}
+    if args == {None}:
+        return layer
+    if len(args) > 1:
+        raise LowbitError("projections that share an input have different activation schemes")
+    scales = [m.input_scale for m in modules if getattr(m, "input_scale", None) is not None]
+    scale = torch.stack([s.float().reshape(()) for s in scales]).max() if scales else None
+    return InputQuantLinear(layer, args.pop(), scale)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -12,8 +12,8 @@ from typing import Optional
 from lowbit.errors import LowbitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-GRID_TYPES = ("int", "float", "nf")  # "float" with 4 bits = FP4 E2M1; "nf" = NF4 (lowbit extension)
-STRATEGIES = ("channel", "group")
+GRID_TYPES = ("int", "float", "nf")  # "float": FP4 E2M1 with 4 bits, FP8 E4M3 with 8; "nf" = NF4 (lowbit extension)
+STRATEGIES = ("channel", "group", "tensor", "token")  # "token": activations only (a scale per row of x)
 MIN_GROUP_SIZE = 8  # the smallest group the per-layer fallback rule (grid.resolve_group_size) steps down to
 ACTORDERS = (None, "weight")
 OBSERVERS = ("minmax", "mse")
@@ -43,14 +43,16 @@ class QuantizationArgs:
     def __post_init__(self) -> None:
         if self.type not in GRID_TYPES:
             raise LowbitError(f"weight type {self.type!r} is not supported; choose one of {', '.join(GRID_TYPES)}")
-        if self.type != "int" and (self.num_bits != 4 or not self.symmetric):
-            raise LowbitError(f"{self.type!r} weights are 4-bit and symmetric (NF4 and FP4 code books)")
+        if self.type != "int" and not self.symmetric:
+            raise LowbitError(f"{self.type!r} grids are symmetric")
+        if (self.type == "nf" and self.num_bits != 4) or (self.type == "float" and self.num_bits not in (4, 8)):
+            raise LowbitError(f"{self.type!r} grids are NF4, FP4 (4 bits) or FP8 E4M3 (8 bits), not {self.num_bits}-bit")
         if self.num_bits not in SUPPORTED_BITS:
             raise LowbitError(
                 f"{self.num_bits}-bit weights are not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}"
             )
         if self.strategy not in STRATEGIES:
-            raise LowbitError(f"strategy {self.strategy!r} is not supported; choose 'channel' or 'group'")
+            raise LowbitError(f"strategy {self.strategy!r} is not supported; choose one of {', '.join(STRATEGIES)}")
         if self.strategy == "group":
             if self.group_size is None or int(self.group_size) < MIN_GROUP_SIZE:
                 raise LowbitError(
@@ -93,13 +95,19 @@ class QuantizationArgs:
 
     @property
     def is_codebook(self) -> bool:
-        return self.type != "int"
+        """NF4 and FP4: 4-bit codes indexing a table of levels."""
+        return self.type == "nf" or (self.type == "float" and self.num_bits == 4)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.type == "float" and self.num_bits == 8
 
     def describe(self) -> str:
-        grid = {"nf": "nf4", "float": "fp4"}.get(self.type) or f"int{self.num_bits} " + (
+        grid = "fp8" if self.is_fp8 else {"nf": "nf4", "float": "fp4"}.get(self.type) or f"int{self.num_bits} " + (
             "sym" if self.symmetric else "asym"
         )
-        where = "per-channel" if self.strategy == "channel" else f"g{self.group_size}"
+        where = f"g{self.group_size}" if self.strategy == "group" else f"per-{self.strategy}"
+        where += " dynamic" if self.dynamic else ""
         order = ", act-order" if self.actorder else ""
         mse = ", mse" if self.observer == "mse" else ""
         zp = ", float zero points" if self.zp_dtype else ""
@@ -110,8 +118,8 @@ class QuantizationArgs:
 class QuantizationScheme:
     """What a quantized module stores (compressed-tensors' ``QuantizationScheme``).
 
-    ``input_activations`` is where activation quantization attaches (None: 16-bit activations, the
-    only kind implemented so far; the pipeline refuses others). Which modules get a scheme is the
+    ``input_activations``: how each quantized Linear's input is quantized (None: 16-bit activations;
+    see :mod:`lowbit.schemes.activations`). Which modules get a scheme is the
     caller's choice (see ``ignore`` and ``include_lm_head`` in :func:`lowbit.quantize`), recorded
     per layer in the checkpoint's config groups.
     """
@@ -120,8 +128,9 @@ class QuantizationScheme:
     input_activations: Optional[QuantizationArgs] = None
 
     def describe(self) -> str:
-        acts = 16 if self.input_activations is None else self.input_activations.num_bits
-        return f"W{self.weights.num_bits}A{acts} ({self.weights.describe()})"
+        acts = self.input_activations
+        inputs = "" if acts is None else f", inputs {acts.describe()}"
+        return f"W{self.weights.num_bits}A{16 if acts is None else acts.num_bits} ({self.weights.describe()}{inputs})"
 
 
 def make_scheme(
@@ -171,6 +180,23 @@ W3A16_ASYM = _preset(3, False, 128)
 W2A16 = _preset(2, False, 32)
 W2A16_SYM = _preset(2, True, 32)
 
+# compressed-tensors' activation schemes: int8 per token, computed on the fly; int8 per tensor, calibrated.
+INT8_PER_TOKEN = QuantizationArgs(num_bits=8, strategy="token", group_size=None, dynamic=True, observer="minmax")
+INT8_PER_TENSOR = QuantizationArgs(num_bits=8, strategy="tensor", group_size=None, observer="minmax")
+
+
+def _with_activations(weights_preset, activations: QuantizationArgs, summary: str):
+    def preset(**kwargs) -> QuantizationScheme:
+        return replace(weights_preset(**kwargs), input_activations=activations)
+
+    preset.__doc__ = summary
+    return preset
+
+
+W8A8 = _with_activations(W8A16, INT8_PER_TOKEN, "int8 per-channel weights, int8 per-token dynamic activations.")
+W8A8_STATIC = _with_activations(W8A16, INT8_PER_TENSOR, "int8 per-channel weights, int8 per-tensor calibrated activations.")
+W4A8 = _with_activations(W4A16, INT8_PER_TOKEN, "int4 g128 weights, int8 per-token dynamic activations.")
+
 PRESETS = {
     "W8A16": W8A16,
     "W4A16": W4A16,
@@ -179,6 +205,9 @@ PRESETS = {
     "W3A16_ASYM": W3A16_ASYM,
     "W2A16": W2A16,
     "W2A16_SYM": W2A16_SYM,
+    "W8A8": W8A8,
+    "W8A8_STATIC": W8A8_STATIC,
+    "W4A8": W4A8,
 }
 
 

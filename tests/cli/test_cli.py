@@ -210,3 +210,26 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(tiny_model_dir, tmp_p
     safetensors_torch.save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
     assert_clean_failure(run("eval", damaged, "--ppl", text_file, "--seqlen", "32"),
                          "model.layers.1.mlp.up_proj.weight has 1 NaN/Inf values")
+
+
+def test_quantize_w8a8_with_smoothquant_auto_then_eval_runs_the_quantized_activations(tiny_model_dir, tmp_path):
+    out = tmp_path / "w8a8"
+    done = run("quantize", tiny_model_dir, "-o", out, "--scheme", "W8A8", "--smoothquant", "auto", "--method", "rtn",
+               "--calib", "shakespeare", "--nsamples", "4", "--seqlen", "32", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert "inputs int8 sym per-token dynamic" in result["scheme"]
+    assert any(note.startswith("SmoothQuant alpha, input_layernorm:") for note in result["notes"])
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {g["input_activations"]["strategy"] for g in config["config_groups"].values()} == {"token"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--scheme", "W8A8", "--smoothquant", "strong"), "between 0 and 1"),
+    (("--scheme", "W8A8", "--bits", "4"), "drop --bits"),
+    (("--scheme", "W5A5"), "unknown scheme"),
+    (("--bits", "4", "--smoothquant", "0.5"), "choose an activation scheme"),
+])
+def test_activation_options_misused_fail_in_one_line(tiny_model_dir, tmp_path, args, message):
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", *args), message)
+    assert not (tmp_path / "q").exists()

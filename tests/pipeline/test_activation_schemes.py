@@ -1,0 +1,116 @@
+"""W8A8 / W4A8 end to end on a tiny model: SmoothQuant, static scales, the checkpoint, and the runtime's numerics."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from compressed_tensors.quantization import QuantizationConfig
+from safetensors.torch import load_file
+
+from lowbit import LLM, W4A8, W8A8, W8A8_STATIC, SamplingParams, api
+from lowbit.algorithms import get_method
+from lowbit.errors import LowbitError
+from lowbit.models.loader import load_model
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.recipe import Recipe
+from lowbit.quantized.modules import QuantLinear
+from lowbit.runtime.decoder import LeanDecoder
+from lowbit.runtime.kernels import InputQuantLinear
+from lowbit.schemes import make_scheme
+
+from ..conftest import make_model
+
+CALIB = dict(calib="shakespeare", nsamples=4, seqlen=32)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0]
+
+
+def test_w8a8_checkpoint_reloads_with_its_activation_scheme_and_compressed_tensors_parses_it(tiny_model_dir, tmp_path):
+    out = tmp_path / "w8a8"
+    _, model, _ = api.quantize(str(tiny_model_dir), W8A8(), method="rtn", output_dir=out, progress=False,
+                               return_model=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(config)
+    acts = next(iter(parsed.config_groups.values())).input_activations
+    assert (acts.num_bits, acts.strategy, acts.dynamic, acts.type) == (8, "token", True, "int")
+    assert parsed.format == "int-quantized" and "lm_head" in parsed.ignore
+    reloaded, _, _ = load_model(str(out))
+    q_proj = reloaded.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q_proj, QuantLinear) and q_proj.input_args == W8A8().input_activations
+    ids = torch.arange(3, 40)[None]
+    assert torch.equal(_logits(model, ids), _logits(reloaded, ids))
+    llm = LLM(str(out), max_model_len=64)
+    assert any("activations quantized in PyTorch" in line for line in llm.notices)  # the slower path, said
+    greedy = llm.generate("It is a truth", SamplingParams(temperature=0, max_tokens=6))[0]
+    assert greedy.token_ids and greedy.finish_reason in ("length", "stop")
+
+
+def test_static_scales_with_smoothquant_auto_are_calibrated_shared_saved_and_recorded(tiny_model_dir, tmp_path):
+    out = tmp_path / "w8a8-static"
+    _, model, _ = api.quantize(str(tiny_model_dir), W8A8_STATIC(), method="gptq", output_dir=out, progress=False,
+                               return_model=True, smoothquant="auto", **CALIB)
+    tensors = load_file(str(out / "model.safetensors"))
+    block = "model.layers.0"
+    qkv = [tensors[f"{block}.self_attn.{p}_proj.input_scale"] for p in "qkv"]
+    assert qkv[0].shape == (1,) and float(qkv[0]) > 0 and all(torch.equal(s, qkv[0]) for s in qkv)
+    assert torch.equal(tensors[f"{block}.mlp.gate_proj.input_scale"], tensors[f"{block}.mlp.up_proj.input_scale"])
+    assert not any(k.startswith("lm_head") and k.endswith("input_scale") for k in tensors)
+    record = json.loads((out / "lowbit_recipe.json").read_text())
+    assert record["smoothquant"] == "auto" and record["input_activations"]["strategy"] == "tensor"
+    alphas = record["smoothquant_alpha"]
+    assert {f"model.layers.{i}.input_layernorm" for i in range(2)} <= alphas.keys()
+    assert all(a is None or 0.0 <= a <= 1.0 for a in alphas.values())
+    reloaded, _, _ = load_model(str(out))
+    ids = torch.arange(3, 40)[None]
+    assert torch.equal(_logits(model, ids), _logits(reloaded, ids))
+
+
+def _outlier_model(vocab: int):
+    """A tiny Llama whose norms give three channels 30x the rest: activation quantization then matters."""
+    model = make_model(vocab, hidden=128, intermediate=256)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:3] = 30.0
+            layer.post_attention_layernorm.weight[:3] = 30.0
+    return model
+
+
+@pytest.mark.parametrize("scheme", [W8A8(), W8A8_STATIC(), W4A8(group_size=64)])
+def test_the_runtime_quantizes_activations_as_evaluation_does(tiny_tokenizer, scheme):
+    """Layer by layer the runtime's output is evaluation's to well within what quantizing the input changes; over
+    the whole model (where any rounding flip of an activation carries on) it is the closer to evaluation's A8
+    logits than to the weight-only model's."""
+    vocab = len(tiny_tokenizer)
+    calibration = torch.randint(0, vocab, (4, 32), generator=torch.Generator().manual_seed(1))
+    model, weights_only = _outlier_model(vocab), _outlier_model(vocab)
+    quantize_model(model, Recipe(scheme, get_method("rtn")), calibration if not scheme.input_activations.dynamic else None)
+    quantize_model(weights_only, Recipe(replace(scheme, input_activations=None), get_method("rtn")))
+    ids = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(2))
+    decoder = LeanDecoder(model, max_len=64)
+    x = torch.randn(24, 128) * torch.cat([torch.full((3,), 30.0), torch.ones(125)])
+    o_proj = model.get_submodule("model.layers.0.self_attn.o_proj")
+    runtime_o = decoder.blocks[0].o
+    assert isinstance(runtime_o, InputQuantLinear)
+    with torch.no_grad():
+        exact, weight_only = o_proj(x), F.linear(x, o_proj.quantized_weight().dequantize(torch.float32))
+        assert float((runtime_o(x) - exact).abs().max()) < 0.1 * float((weight_only - exact).abs().max())
+    evaluated, without = _logits(model, ids), _logits(weights_only, ids)
+    ran = decoder(ids, 0, last_only=False)[0]
+    assert float((ran - evaluated).abs().mean()) < 0.5 * float((ran - without).abs().mean())
+
+
+@pytest.mark.parametrize("smoothquant, scheme, method, message", [
+    (0.5, make_scheme(8, None), "rtn", "choose an activation scheme"),
+    (1.5, W8A8(), "rtn", "between 0 and 1"),
+    ("auto", W8A8(), "awq", "choose rtn or gptq"),
+])
+def test_smoothquant_misuse_is_refused_before_any_work(tiny_model_dir, tmp_path, smoothquant, scheme, method, message):
+    with pytest.raises(LowbitError, match=message):
+        api.quantize(str(tiny_model_dir), scheme, method=method, output_dir=tmp_path / "x", progress=False,
+                     smoothquant=smoothquant, **CALIB)
+    assert not (tmp_path / "x").exists()
