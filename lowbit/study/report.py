@@ -106,7 +106,8 @@ def timing(rows: list[dict]) -> str:
     """How long the rows took to measure (evaluation and running) and to quantize, when they were made."""
     done = finished(rows)
     measured = sum(r.get("eval_wall_s", 0) + r.get("bench_wall_s", 0) for r in done)
-    quantized = sum(r.get("quantize_wall_s", 0) for r in done)
+    quantized = sum(r.get("quantize_wall_s") or (r.get("quantize") or {}).get("quantization_wall_time_s") or 0
+                    for r in done)  # a reused checkpoint: the time its record says it took
     return (f"Measuring the {len(done)} rows took {measured / 60:.1f} min (evaluation and running; quantization,"
             f" cached, another {quantized / 60:.1f} min), when each row was made.")
 

@@ -76,6 +76,7 @@ def run_row(row: Row, say: Callable[[str], None]) -> dict:
         if checkpoint_matches(row):
             say(f"{row.label}: checkpoint {row.checkpoint} already made by this recipe, reused")
             quantized = {"cached": True, **read_record(row.checkpoint)}
+            quantize_s = float(quantized.get("quantization_wall_time_s") or 0.0)  # as long as it took when made
         else:
             say(f"{row.label}: quantizing ({plan.method}, {row.bits} bits, group {plan.group_size})")
             start = time.perf_counter()

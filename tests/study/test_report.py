@@ -60,3 +60,9 @@ def test_the_time_to_measure_excludes_quantization_and_failed_rows():
             {"model": "m", "bits": 2, "label": "m W2", "error": "failed", "eval_wall_s": 1000.0}]
     assert timing(rows).startswith("Measuring the 2 rows took 4.0 min (evaluation and running; quantization, cached,"
                                    " another 10.0 min)")
+
+
+def test_a_row_whose_checkpoint_was_reused_counts_the_quantization_its_record_states():
+    reused = dict(_row("m", 4, 100, 1.4, 0.4, 0.4), eval_wall_s=60.0, bench_wall_s=0.0, quantize_wall_s=0.0,
+                  quantize={"cached": True, "quantization_wall_time_s": 300.0})
+    assert "1.0 min (evaluation and running; quantization, cached, another 5.0 min)" in timing([reused])
