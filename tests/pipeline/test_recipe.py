@@ -13,11 +13,11 @@ from lowbit.quantized.modules import QuantLinear
 from lowbit.schemes import QuantizationArgs, make_scheme, mode_scheme
 
 
-def test_attachment_points_for_activations_and_the_kv_cache_are_refused_until_implemented(tiny_model_dir, tmp_path):
+def test_activations_lowbit_cannot_quantize_and_the_kv_cache_are_refused_before_any_work(tiny_model_dir, tmp_path):
     int8 = QuantizationArgs(num_bits=8, strategy="channel", group_size=None)
     with_acts = replace(make_scheme(8, None), input_activations=int8)
     assert with_acts.describe().startswith("W8A8")
-    with pytest.raises(LowbitError, match="input_activations"):
+    with pytest.raises(LowbitError, match="activation strategy is 'token' or 'tensor'"):
         lowbit.quantize(str(tiny_model_dir), with_acts, method="rtn", output_dir=tmp_path / "q")
     with pytest.raises(LowbitError, match="kv_cache_scheme"):
         Recipe(make_scheme(), get_method("rtn"), kv_cache_scheme=int8).checked(has_data=False)
