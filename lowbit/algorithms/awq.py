@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.algorithms.smoothing import applicable, fold_scales
+from lowbit.algorithms.smoothing import applicable, first_tokens, fold_scales
 from lowbit.calibration.statistics import HessianAccumulator, capture_inputs, first_input, observe_inputs
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.args import QuantizationArgs
@@ -164,12 +164,7 @@ def awq_transform_block(
     """Smooth then (``clip``) clip the block's linears in place (full precision); ``calls`` are the
     block's (hidden states, keyword arguments) per calibration batch; ``rounding``: the rounding the
     scale search assumes (see :func:`search_scales`). See the module docstring."""
-    batches, tokens = [], 0
-    for x, kw in calls:
-        if tokens >= SEARCH_TOKENS:
-            break
-        batches.append((x, kw))
-        tokens += x.shape[0] * x.shape[1]
+    batches = first_tokens(calls, SEARCH_TOKENS)
     found = applicable(block, smoothings)
     seen_inspect = capture_inputs(block, batches, {sm.inspect: block.get_submodule(sm.inspect) for sm, _, _ in found})
     for sm, previous, balance in found:

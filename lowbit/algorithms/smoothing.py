@@ -29,6 +29,18 @@ def applicable(block: nn.Module, smoothings: tuple[Smoothing, ...]) -> list[tupl
     return found
 
 
+def first_tokens(calls: list, tokens: int) -> list:
+    """The first calibration calls (hidden states [b, t, d], kwargs) until they hold ``tokens`` tokens: what a
+    scale search runs on."""
+    batches, seen = [], 0
+    for x, kw in calls:
+        if seen >= tokens:
+            break
+        batches.append((x, kw))
+        seen += x.shape[0] * x.shape[1]
+    return batches
+
+
 def fold_scales(previous: nn.Module, balance: list[nn.Linear], s: torch.Tensor, norm_offset: float) -> None:
     """Divide ``previous``'s output channels by s and multiply the balance linears' input columns by s."""
     if isinstance(previous, nn.Linear):

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.algorithms.awq import SEARCH_TOKENS, fake_quantize
-from lowbit.algorithms.smoothing import applicable, fold_scales
+from lowbit.algorithms.smoothing import applicable, first_tokens, fold_scales
 from lowbit.calibration.statistics import capture_inputs, first_input, observe_inputs
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.activations import fake_quantize_activation
@@ -110,12 +110,7 @@ def smoothquant_transform_block(
 ) -> dict[str, Optional[float]]:
     """Smooth ``block`` in place (full precision); ``calls``: its (hidden states, kwargs) per calibration
     batch. Returns the α each smoothing got, by its previous op's name (None: left unsmoothed)."""
-    batches, tokens = [], 0
-    for x, kw in calls:
-        if tokens >= SEARCH_TOKENS:
-            break
-        batches.append((x, kw))
-        tokens += x.shape[0] * x.shape[1]
+    batches = first_tokens(calls, SEARCH_TOKENS)
     found = applicable(block, smoothings)
     x_max = input_channel_max(block, batches, {sm.previous: balance[0] for sm, _, balance in found})
     inspected = {}
