@@ -48,6 +48,17 @@ def make_model(vocab_size: int, hidden: int = 64, layers: int = 2, intermediate:
     return LlamaForCausalLM(config).eval()
 
 
+def make_outlier_model(vocab_size: int, channels: int = 3, value: float = 30.0):
+    """A tiny Llama (hidden 128) whose norms give the first ``channels`` inputs of every linear ``value``x the
+    rest: the outliers that AWQ and SmoothQuant are for, and that make activation quantization matter."""
+    model = make_model(vocab_size, hidden=128, intermediate=256)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[:channels] = value
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

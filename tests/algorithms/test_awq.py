@@ -17,17 +17,12 @@ from lowbit.pipeline.recipe import Recipe
 from lowbit.models.architectures import architecture_of
 from lowbit.schemes import make_scheme
 
-from ..conftest import make_model
+from ..conftest import make_outlier_model
 
 
 def _salient_model(vocab):
     """A tiny Llama whose inputs have a few large channels, the situation AWQ is for."""
-    model = make_model(vocab, hidden=128, intermediate=256)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[:4] = 20.0
-    return model
+    return make_outlier_model(vocab, channels=4, value=20.0)
 
 
 def _block_inputs(model, ids):

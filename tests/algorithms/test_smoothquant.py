@@ -13,17 +13,12 @@ from lowbit.algorithms.smoothquant import (
 from lowbit.calibration.statistics import capture_block_inputs, capture_inputs
 from lowbit.models.architectures import architecture_of
 
-from ..conftest import make_model
+from ..conftest import make_outlier_model
 
 
 def _outlier_model(vocab):
     """A tiny Llama whose norms give a few input channels 30x the others, as LLM activations have."""
-    model = make_model(vocab, hidden=128, intermediate=256)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[:3] = 30.0
-    return model
+    return make_outlier_model(vocab)
 
 
 def _calls(model, vocab):

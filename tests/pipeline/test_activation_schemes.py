@@ -20,7 +20,7 @@ from lowbit.runtime.decoder import LeanDecoder
 from lowbit.runtime.kernels import InputQuantLinear
 from lowbit.schemes import make_scheme
 
-from ..conftest import make_model
+from ..conftest import make_outlier_model
 
 CALIB = dict(calib="shakespeare", nsamples=4, seqlen=32)
 
@@ -72,12 +72,7 @@ def test_static_scales_with_smoothquant_auto_are_calibrated_shared_saved_and_rec
 
 def _outlier_model(vocab: int):
     """A tiny Llama whose norms give three channels 30x the rest: activation quantization then matters."""
-    model = make_model(vocab, hidden=128, intermediate=256)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:3] = 30.0
-            layer.post_attention_layernorm.weight[:3] = 30.0
-    return model
+    return make_outlier_model(vocab)
 
 
 @pytest.mark.parametrize("scheme", [W8A8(), W8A8_STATIC(), W4A8(group_size=64)])
