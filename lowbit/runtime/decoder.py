@@ -32,11 +32,13 @@ from lowbit.models.architectures import ARCHITECTURES, Architecture, architectur
 from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kernels import (
     DenseLinear,
+    Int8Linear,
     PackedLinear,
     fast_linear,
+    input_quantization,
     kernels_by_kind,
     unavailable_reason,
-    with_input_quantization,
+    with_inputs,
 )
 from lowbit.runtime.native import native_module
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
@@ -50,8 +52,10 @@ ATTENTION_CHUNK = 256
 WeightQuantizer = Callable[[torch.Tensor, Optional[torch.Tensor], torch.dtype], nn.Module]
 
 
-def _fused_weights(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
-    """One fast linear computing several projections of the same input (outputs concatenated), weights only."""
+def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
+    """One fast linear computing several projections of the same input (outputs concatenated), with their
+    input quantization if the checkpoint has one."""
+    inputs = input_quantization(modules)
     biases = [m.bias for m in modules]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)]
@@ -60,15 +64,12 @@ def _fused_weights(modules: list[nn.Module], quantize: Optional[WeightQuantizer]
         parts = [m.quantized_weight() for m in modules]
         zp = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
         qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zp, parts[0].args)
-        return fast_linear(qw, bias=bias, dtype=dtype)
+        return fast_linear(qw, bias=bias, dtype=dtype, inputs=inputs)
     weights = [m.quantized_weight().dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight for m in modules]
     weight = weights[0].detach().float() if len(weights) == 1 else torch.cat([w.detach().float() for w in weights])
-    return quantize(weight, bias, dtype) if quantize else fast_linear(None, weight=weight, bias=bias, dtype=dtype)
-
-
-def _fused(modules: list[nn.Module], quantize: Optional[WeightQuantizer], dtype) -> nn.Module:
-    """:func:`_fused_weights` behind the modules' input quantization, if the checkpoint has one."""
-    return with_input_quantization(_fused_weights(modules, quantize, dtype), modules)
+    if quantize:
+        return with_inputs(quantize(weight, bias, dtype), inputs, "weights rounded at load time")
+    return fast_linear(None, weight=weight, bias=bias, dtype=dtype, inputs=inputs)
 
 
 def _step_projection(native, m: nn.Module):
@@ -77,6 +78,8 @@ def _step_projection(native, m: nn.Module):
         return native.Projection.packed(m.packed, m.scale, m.offset, m.bits, m.group_size, m.in_features, m.bias)
     if isinstance(m, DenseLinear):
         return native.Projection.dense(m.weight, m.bias)
+    if isinstance(m, Int8Linear):  # one row: a dynamic scale per token and per call agree
+        return native.Projection.int8(m.panels, m.weight_scale, m.in_features, m.static_scale, m.bias)
     return native.Projection.callback(lambda x: m(x.to(torch.float32)), m.in_features, m.out_features)
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from lowbit.models.architectures import decoder_blocks
 from lowbit.quantized.modules import QuantLinear, replace_module
 from lowbit.runtime.cpu import compute_dtype
-from lowbit.runtime.kernels import FastLinear, fast_linear, kernels_by_kind, with_input_quantization
+from lowbit.runtime.kernels import FastLinear, fast_linear, input_quantization, kernels_by_kind
 
 
 class HFDecoder(nn.Module):
@@ -36,7 +36,8 @@ class HFDecoder(nn.Module):
     @staticmethod
     def _fast(module: nn.Module, quantize, dtype) -> Optional[nn.Module]:
         if isinstance(module, QuantLinear):
-            return with_input_quantization(fast_linear(module.quantized_weight(), bias=module.bias, dtype=dtype), [module])
+            return fast_linear(module.quantized_weight(), bias=module.bias, dtype=dtype,
+                               inputs=input_quantization([module]))
         if isinstance(module, nn.Linear) and quantize is not None:
             return quantize(module.weight.detach(), module.bias, dtype)
         return None

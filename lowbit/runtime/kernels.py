@@ -7,8 +7,11 @@
 * :class:`DenseLinear`: full-precision weights in the compute dtype; also the stand-in, announced,
   for a quantized layer the kernels cannot take (code books, odd group sizes, no compiler).
 * :class:`Fp8Linear`: float8 e4m3 weights, upcast per call (no fp8 GEMM on CPU).
-* :class:`InputQuantLinear`: a checkpoint's activation scheme (W8A8, W4A8) around any of them: the
-  input is quantized per token or tensor exactly as evaluation does, then the weight kernel runs.
+* :class:`Int8Linear`: W8A8 (int8 per-channel weights, int8 inputs per token, per call or with a
+  calibrated scale): the input is quantized on the fly and lowbit's int8 × int8 GEMM
+  (``csrc/int8_gemm.cpp``) sums in int32, for decode and prefill alike.
+* :class:`InputQuantLinear`: any other activation scheme (W4A8, FP8 inputs) around the weight-only
+  layer: the input is fake-quantized exactly as evaluation does, then the weight kernel runs (announced).
 
 The compute dtype (:func:`lowbit.runtime.cpu.compute_dtype`) is bfloat16 only where the CPU has bf16
 arithmetic; elsewhere bf16 GEMMs are several times slower than float32.
@@ -122,37 +125,74 @@ class Fp8Linear(FastLinear):
         return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), w), x)
 
 
+# How a layer's input is quantized: the activation arguments and, when static, the calibrated scale.
+InputQuantization = tuple[QuantizationArgs, Optional[torch.Tensor]]
+
+
+class Int8Linear(FastLinear):
+    """W8A8: int8 weights [N, K] with a float32 scale per row, in ``int8_gemm``'s panels; the input quantized
+    to int8 in the kernel (per token, per call, or with the static scale) exactly as evaluation does."""
+
+    def __init__(self, qw: QuantizedWeight, native, inputs: InputQuantization, bias=None, dtype=torch.float32):
+        super().__init__(bias, dtype)
+        self.native = native
+        self.out_features, self.in_features = qw.shape
+        self.input_args, scale = inputs
+        self.per_tensor = self.input_args.strategy == "tensor"
+        self.static_scale = 0.0 if scale is None else float(scale.float().reshape(()))
+        self.register_buffer("panels", native.int8_pack(qw.q.to(torch.int8).contiguous()))
+        self.register_buffer("weight_scale", qw.scale.float().reshape(-1).contiguous())
+        self.kernel = f"lowbit int8 x int8 GEMM ({native.ISA}), inputs {self.input_args.describe()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = self.native.int8_gemm(x2, self.panels, self.weight_scale, self.in_features, self.per_tensor,
+                                  self.static_scale)
+        return self._finish(y, x)
+
+
 class InputQuantLinear(FastLinear):
-    """``inner`` on x̂: the input quantized as the checkpoint's ``input_activations`` say (static: ``input_scale``).
+    """``inner`` on x̂: the input fake-quantized as the checkpoint's ``input_activations`` say (static:
+    ``input_scale``), for schemes the int8 kernel does not take; ``fallback`` says why."""
 
-    Correct numerics, not yet the speed: no int8 × int8 kernel runs here, so the notice says so.
-    """
-
-    fallback = "activations quantized in PyTorch, then the weight-only kernel (no int8 x int8 kernel yet)"
-
-    def __init__(self, inner: FastLinear, input_args: QuantizationArgs, input_scale: Optional[torch.Tensor] = None):
+    def __init__(self, inner: FastLinear, inputs: InputQuantization, reason: str):
         super().__init__(None, inner.dtype)
-        self.inner, self.input_args = inner, input_args
+        self.inner, (self.input_args, input_scale) = inner, inputs
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.register_buffer("input_scale", None if input_scale is None else input_scale.detach().float().reshape(1))
-        self.kernel = f"{input_args.describe()} inputs, then {inner.kernel}"
+        self.kernel = f"{self.input_args.describe()} inputs in PyTorch, then {inner.kernel}"
+        self.fallback = f"{reason}: inputs quantized in PyTorch, then the weight-only kernel"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(fake_quantize_activation(x, self.input_args, self.input_scale))
 
 
-def with_input_quantization(layer: nn.Module, modules: list[nn.Module]) -> nn.Module:
-    """``layer`` (computing ``modules`` fused) behind their input quantization, if they have one; fused
-    modules with static scales share the largest (as vLLM does; lowbit's own checkpoints calibrate one
-    scale per shared input, so theirs agree)."""
+def input_quantization(modules: list[nn.Module]) -> Optional[InputQuantization]:
+    """The input quantization of ``modules`` (projections of one input, fused), None if they have none;
+    static scales are shared as the largest (as vLLM does; lowbit's own checkpoints calibrate one scale per
+    shared input, so theirs agree)."""
     args = {getattr(m, "input_args", None) for m in modules}
     if args == {None}:
-        return layer
+        return None
     if len(args) > 1:
         raise LowbitError("projections that share an input have different activation schemes")
     scales = [m.input_scale for m in modules if getattr(m, "input_scale", None) is not None]
-    scale = torch.stack([s.float().reshape(()) for s in scales]).max() if scales else None
-    return InputQuantLinear(layer, args.pop(), scale)
+    return args.pop(), (torch.stack([s.float().reshape(()) for s in scales]).max() if scales else None)
+
+
+def why_not_int8(qw: Optional[QuantizedWeight], args: QuantizationArgs) -> Optional[str]:
+    """None when the int8 × int8 kernel computes this layer with these inputs, else the reason in a few words."""
+    if args.is_fp8:
+        return "FP8 inputs (no FP8 arithmetic on CPU)"
+    w = None if qw is None else qw.args
+    if w is None or not (w.type == "int" and w.num_bits == 8 and w.symmetric and w.strategy == "channel"):
+        return f"{'full-precision' if w is None else w.describe()} weights (the int8 kernel takes int8 per-channel)"
+    return unavailable_reason()
+
+
+def with_inputs(layer: FastLinear, inputs: Optional[InputQuantization], reason: str) -> nn.Module:
+    """``layer`` behind its input quantization (fake-quantized in PyTorch), if it has one."""
+    return layer if inputs is None else InputQuantLinear(layer, inputs, reason)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -164,9 +204,15 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="cpu", dtype=None) -> nn.Module:
-    """The fastest module that computes this layer as stored, on this device and CPU."""
+def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="cpu", dtype=None,
+                inputs: Optional[InputQuantization] = None) -> nn.Module:
+    """The fastest module that computes this layer as stored (with its input quantization), on this device and CPU."""
     dtype = dtype or compute_dtype()
+    if inputs is not None:
+        reason = why_not_int8(qw, inputs[0]) if device == "cpu" else f"no int8 kernel on {device}"
+        if reason is None:
+            return Int8Linear(qw, native_module(), inputs, bias, dtype)
+        return with_inputs(fast_linear(qw, weight, bias, device, dtype), inputs, reason)
     if qw is None:
         return DenseLinear(weight, bias, dtype)
     reason = why_not_packable(qw) if device == "cpu" else f"no packed kernel on {device}"

@@ -39,6 +39,7 @@ class Kind(IntEnum):
     DENSE = 0
     PACKED = 1
     CALLBACK = 2
+    INT8 = 3
 
 
 def compile_definitions() -> list[str]:

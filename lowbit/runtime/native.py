@@ -1,8 +1,8 @@
 """lowbit's own CPU code (``csrc/``), compiled on first use with the system C++ compiler and cached.
 
 One extension per kernel ISA level (:mod:`lowbit.runtime.cpu`), built from the same sources:
-``qgemv.cpp`` (packed 2/3/4/8-bit GEMV and dequantization) and ``decode_step.cpp`` (a whole decode
-step of the lean decoder in one call). The shared constants come from :mod:`lowbit.runtime.layout`.
+``qgemv.cpp`` (packed 2/3/4/8-bit GEMV and dequantization), ``int8_gemm.cpp`` (int8 × int8 GEMM of
+W8A8 layers) and ``decode_step.cpp`` (a whole decode step of the lean decoder in one call). The shared constants come from :mod:`lowbit.runtime.layout`.
 
 ``LOWBIT_NATIVE=0`` never builds it; if a build fails lowbit says so once, with the cost, and
 runs the PyTorch path.
@@ -21,7 +21,7 @@ from lowbit.runtime.cpu import ISA_CFLAGS, cpu, selected_isa
 from lowbit.runtime.layout import compile_definitions
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("qgemv.cpp", "decode_step.cpp")
+SOURCES = ("qgemv.cpp", "int8_gemm.cpp", "decode_step.cpp")
 _failures: dict[str, str] = {}
 
 

@@ -84,7 +84,7 @@ def test_avx2_and_avx512_compute_the_same_integers():
 def test_the_build_shares_pythons_constants():
     module = kernels_for("generic")
     assert (module.BLOCK, module.DECODE_ROWS) == (32, DECODE_ROWS)
-    assert (module.KIND_DENSE, module.KIND_PACKED, module.KIND_CALLBACK) == tuple(int(k) for k in Kind)
+    assert (module.KIND_DENSE, module.KIND_PACKED, module.KIND_CALLBACK, module.KIND_INT8) == tuple(int(k) for k in Kind)
 
 
 def test_too_many_rows_for_the_gemv_are_refused():

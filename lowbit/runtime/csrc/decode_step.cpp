@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #endif
 
+#include "int8_gemm.h"
 #include "qgemv.h"
 #include "simd.h"
 
@@ -32,7 +33,12 @@ namespace {
 
 using at::Tensor;
 
-enum Kind : int64_t { kDense = LOWBIT_KIND_DENSE, kPacked = LOWBIT_KIND_PACKED, kCallback = LOWBIT_KIND_CALLBACK };
+enum Kind : int64_t {
+  kDense = LOWBIT_KIND_DENSE,
+  kPacked = LOWBIT_KIND_PACKED,
+  kCallback = LOWBIT_KIND_CALLBACK,
+  kInt8 = LOWBIT_KIND_INT8
+};
 
 std::vector<float> to_floats(const Tensor& t) {
   Tensor f = t.to(at::kFloat).contiguous();
@@ -64,6 +70,19 @@ class Projection {
     return p;
   }
 
+  // W8A8: int8 panels (int8_pack) and float32 row scales; the input quantized per token, or with a static scale.
+  static std::shared_ptr<Projection> int8(Tensor panels, Tensor scale, int64_t in_features, double static_scale,
+                                          c10::optional<Tensor> bias) {
+    auto p = std::make_shared<Projection>();
+    p->kind_ = kInt8;
+    p->tensors_ = {panels, scale};
+    p->int8_ = lowbit::int8_view(panels, scale, in_features);
+    p->input_.fixed = static_cast<float>(static_scale);
+    p->N_ = p->int8_.N, p->K_ = in_features;
+    p->set_bias(bias);
+    return p;
+  }
+
   static std::shared_ptr<Projection> callback(pybind11::function fn, int64_t in_features, int64_t out_features) {
     auto p = std::make_shared<Projection>();
     p->kind_ = kCallback;
@@ -82,6 +101,8 @@ class Projection {
   void operator()(const float* x, float* y) const {
     if (kind_ == kPacked) {
       lowbit::packed_gemv(x, 1, K_, view_, y);
+    } else if (kind_ == kInt8) {
+      lowbit::int8_linear(x, 1, int8_, input_, y);
     } else if (kind_ == kDense) {
       const Tensor& w = tensors_[0];
       Tensor xt = at::from_blob(const_cast<float*>(x), {1, K_}, at::kFloat).to(w.scalar_type());
@@ -119,6 +140,8 @@ class Projection {
   int64_t kind_ = kDense, N_ = 0, K_ = 0;
   std::vector<Tensor> tensors_;  // keeps the weights alive behind view_
   lowbit::PackedWeight view_{};
+  lowbit::Int8Weight int8_{};
+  lowbit::InputScale input_{};
   pybind11::function fn_;
   std::vector<float> bias_;
 };
@@ -444,12 +467,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("KIND_DENSE") = static_cast<int64_t>(kDense);
   m.attr("KIND_PACKED") = static_cast<int64_t>(kPacked);
   m.attr("KIND_CALLBACK") = static_cast<int64_t>(kCallback);
+  m.attr("KIND_INT8") = static_cast<int64_t>(kInt8);
   m.def("gemv", &lowbit::gemv, "y [M, N] = x [M, K] Wᵀ from packed codes (float32, M ≤ DECODE_ROWS)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &lowbit::dequantize, "the packed weight as a dense [N, K] tensor of the given dtype",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("int8_pack", &lowbit::int8_pack, "int8 weights [N, K] in the panel layout of int8_gemm");
+  m.def("int8_gemm", &lowbit::int8_gemm,
+        "y [M, N] = x [M, K] Wᵀ with x quantized to int8 (per row, per call, or a static scale > 0) and int32 sums",
+        pybind11::arg("x"), pybind11::arg("panels"), pybind11::arg("scale"), pybind11::arg("K"),
+        pybind11::arg("per_tensor") = false, pybind11::arg("static_scale") = 0.0,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("int8_quantize_rows", &lowbit::int8_quantize_rows, "(q int8 [M, K], s [M, 1]) as int8_gemm quantizes x",
+        pybind11::arg("x"), pybind11::arg("per_tensor") = false, pybind11::arg("static_scale") = 0.0);
   pybind11::class_<Projection, ProjectionPtr>(m, "Projection", pybind11::module_local())
       .def_static("packed", &Projection::packed)
+      .def_static("int8", &Projection::int8)
       .def_static("dense", &Projection::dense)
       .def_static("callback", &Projection::callback)
       .def_property_readonly("kind", &Projection::kind)

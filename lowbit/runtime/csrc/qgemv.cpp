@@ -192,15 +192,6 @@ inline __m256i unpack_block(const uint8_t* p) {
   }
 }
 
-// Eight int32 partial sums of u·x over 32 bytes, u unsigned and x signed.
-inline __m256i dot_u8s8(__m256i u, __m256i x) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
-#endif
-}
-
 template <int BITS>
 inline __m256i dot_block(__m256i c, __m256i x) {
   if constexpr (BITS == 8) return dot_u8s8(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));

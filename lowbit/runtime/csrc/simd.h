@@ -1,4 +1,4 @@
-// Small SIMD helpers shared by qgemv.cpp and decode_step.cpp (one copy, so the two cannot drift).
+// Small SIMD helpers shared by the kernels (one copy, so they cannot drift).
 #pragma once
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -11,6 +11,19 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+
+// acc + eight int32 sums of four u·s products each, u unsigned and s signed bytes: one VPDPBUSD, or
+// VPMADDUBSW + VPMADDWD, whose int16 pair sums stay exact while 2·|u|·|s| ≤ 32767 (u ≤ 128, |s| ≤ 127).
+inline __m256i dot_u8s8_acc(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// The same sums without an accumulator.
+inline __m256i dot_u8s8(__m256i u, __m256i s) { return dot_u8s8_acc(_mm256_setzero_si256(), u, s); }
 
 }  // namespace lowbit
 #endif
