@@ -22,6 +22,8 @@ from lowbit.schemes import (  # noqa: E402
     W4A8,
     W8A8,
     W8A8_STATIC,
+    FP8,
+    FP8_DYNAMIC,
     QuantizationArgs,
     QuantizationScheme,
 )
@@ -43,6 +45,8 @@ __all__ = [
     "W4A8",
     "W8A8",
     "W8A8_STATIC",
+    "FP8",
+    "FP8_DYNAMIC",
     "compress",
     "compress_weights",
     "evaluate",

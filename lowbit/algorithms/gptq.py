@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.schemes.args import QuantizationArgs
-from lowbit.schemes.grid import QuantizedWeight, dequantize_with, fit_qparams, quantize_with
+from lowbit.schemes.grid import QuantizedWeight, code_dtype, dequantize_with, fit_qparams, quantize_with
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -77,7 +77,7 @@ def gptq_quantize(
     group_of = perm // g
 
     U = _inverse_hessian_cholesky(H, percdamp)
-    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    Q = torch.zeros(rows, cols, dtype=code_dtype(args))
     losses = torch.zeros(rows)
     if not precomputed:
         blocksize = g * max(1, blocksize // g)

@@ -55,7 +55,7 @@ def _quiet_transformers() -> None:
 def quantize(
     model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
     output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
-    method: str = typer.Option("gptq", help=methods_help()),
+    method: Optional[str] = typer.Option(None, help=methods_help() + " (default: gptq; rtn for the FP8 presets)"),
     bits: Optional[int] = typer.Option(None, help="weight bits: 2, 3, 4 (default) or 8"),
     group_size: Optional[int] = typer.Option(
         None, help="columns per scale; 0 = one scale per output channel (default 128; a --scheme's own otherwise)"
@@ -63,7 +63,7 @@ def quantize(
     asym: bool = typer.Option(False, "--asym", help="asymmetric grid (with zero points)"),
     scheme_name: Optional[str] = typer.Option(
         None, "--scheme", help="a preset instead of --bits/--asym: " + ", ".join(PRESETS)
-        + " (W8A8, W8A8_STATIC, W4A8 quantize the linears' inputs too)"
+        + " (W8A8, W8A8_STATIC, W4A8, FP8, FP8_DYNAMIC quantize the linears' inputs too)"
     ),
     smoothquant: Optional[str] = typer.Option(
         None, help="SmoothQuant before the rounding, for activation schemes: alpha (0-1) or auto (tuned per layer)"
@@ -85,8 +85,8 @@ def quantize(
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
-    """Quantize a model's weights (and with --scheme W8A8/W8A8_STATIC/W4A8 its linears' inputs) and save a
-    compressed-tensors checkpoint."""
+    """Quantize a model's weights (and with an activation --scheme such as W8A8 or FP8_DYNAMIC its linears'
+    inputs) and save a compressed-tensors checkpoint."""
     from lowbit import api
     from lowbit.cli.report import emit_json, print_table, quantize_table
 
@@ -95,7 +95,7 @@ def quantize(
     result = api.quantize(
         model,
         scheme,
-        method=method,
+        method=method or ("rtn" if scheme.weights.is_fp8 else "gptq"),
         calib=calib,
         output_dir=output,
         nsamples=nsamples,

@@ -1,8 +1,10 @@
 """The compressed-tensors checkpoint layout: save lowbit's quantized models and load them back.
 
 On disk (per quantized Linear ``name``):
-``name.weight_packed`` int32 [out, ⌈in·b/32⌉] (pack-quantized, b ≤ 4) or ``name.weight`` int8
-[out, in] (int-quantized, b = 8); ``name.weight_scale`` [out, groups]; for asymmetric grids
+``name.weight_packed`` int32 [out, ⌈in·b/32⌉] (pack-quantized, b ≤ 4), ``name.weight`` int8
+[out, in] (int-quantized, b = 8) or float8_e4m3fn (float-quantized, FP8); ``name.weight_scale``
+[out, groups] ([1] for a per-tensor scale); ``name.input_scale`` [1] for static activation scales;
+for asymmetric grids
 ``name.weight_zero_point`` (packed along dim 0 when pack-quantized; HQQ's fitted zero points are
 floats, stored unpacked with ``zp_dtype`` in the config group); ``name.weight_shape``.
 config.json carries ``quantization_config`` with one config group per distinct scheme.
@@ -43,6 +45,8 @@ CODEBOOK_FORMAT = "lowbit-codebook"
 def _format(args: QuantizationArgs) -> str:
     if args.is_codebook:
         return CODEBOOK_FORMAT
+    if args.is_fp8:
+        return "float-quantized"
     return "int-quantized" if args.num_bits == 8 else "pack-quantized"
 
 
@@ -159,7 +163,8 @@ def quantization_config(model: nn.Module) -> dict:
 def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
     """The on-disk tensors of one quantized Linear."""
     args = layer.args
-    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": layer.weight_scale.contiguous()}
+    scale = layer.weight_scale[:1, :1].reshape(1) if args.strategy == "tensor" else layer.weight_scale
+    out: dict[str, torch.Tensor] = {f"{name}.weight_scale": scale.contiguous()}
     if args.num_bits == 8:
         out[f"{name}.weight"] = layer.weight_q.contiguous()
         if layer.weight_zero_point is not None:
@@ -277,7 +282,8 @@ def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
             if layer.input_scale is not None:
                 state[f"{name}.input_scale"] = tensors.pop(f"{name}.input_scale").to(dtype).reshape(1)
         state[f"{name}.weight_q"] = q
-        state[f"{name}.weight_scale"] = tensors.pop(f"{name}.weight_scale").to(dtype)
+        scale = tensors.pop(f"{name}.weight_scale").to(dtype)
+        state[f"{name}.weight_scale"] = scale.reshape(1, 1).expand(shape[0], 1).clone() if args.strategy == "tensor" else scale
         zp = tensors.pop(f"{name}.weight_zero_point", None)
         if zp is not None:
             state[f"{name}.weight_zero_point"] = zp if args.num_bits == 8 or args.zp_dtype else unpack_int32(

@@ -105,7 +105,10 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor with NaN/Inf values, naming it: anything computed from it would be silently wrong."""
     if not t.is_floating_point():
         return
-    bad = sum(int((~torch.isfinite(part)).sum()) for part in t.reshape(-1).split(FINITE_CHECK_ELEMENTS))
+    if t.dtype == torch.float8_e4m3fn:  # no Inf; NaN is the bit pattern S.1111.111
+        bad = sum(int(((p.view(torch.uint8) & 0x7F) == 0x7F).sum()) for p in t.reshape(-1).split(FINITE_CHECK_ELEMENTS))
+    else:
+        bad = sum(int((~torch.isfinite(part)).sum()) for part in t.reshape(-1).split(FINITE_CHECK_ELEMENTS))
     if bad:
         raise LowbitError(f"{name} has {bad} NaN/Inf values of {t.numel()}; the checkpoint is damaged")
 

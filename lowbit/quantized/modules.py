@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 from lowbit.schemes.activations import fake_quantize_activation
 from lowbit.schemes.args import QuantizationArgs
-from lowbit.schemes.grid import QuantizedWeight, dequantize
+from lowbit.schemes.grid import QuantizedWeight, code_dtype, dequantize
 
 
 def _register_grid_buffers(module: nn.Module, rows: int, cols: int, args: QuantizationArgs, dtype, device) -> None:
-    """Empty ``weight_q`` [rows, cols], ``weight_scale`` and ``weight_zero_point`` [rows, groups] buffers."""
+    """Empty ``weight_q`` [rows, cols] (int8, or float8 on an FP8 grid), ``weight_scale`` and ``weight_zero_point`` [rows, groups] buffers."""
     n_groups = cols // args.group_size_for(cols)
-    module.register_buffer("weight_q", torch.empty(rows, cols, dtype=torch.int8, device=device))
+    module.register_buffer("weight_q", torch.empty(rows, cols, dtype=code_dtype(args), device=device))
     module.register_buffer("weight_scale", torch.empty(rows, n_groups, dtype=dtype, device=device))
     zp_dtype = getattr(torch, args.zp_dtype) if args.zp_dtype else torch.int8
     zp = None if args.symmetric else torch.empty(rows, n_groups, dtype=zp_dtype, device=device)

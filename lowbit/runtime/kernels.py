@@ -6,7 +6,8 @@
   more rows dequantize the layer once per call and run a dense GEMM in the compute dtype.
 * :class:`DenseLinear`: full-precision weights in the compute dtype; also the stand-in, announced,
   for a quantized layer the kernels cannot take (code books, odd group sizes, no compiler).
-* :class:`Fp8Linear`: float8 e4m3 weights, upcast per call (no fp8 GEMM on CPU).
+* :class:`Fp8Linear`: float8 e4m3 weights, upcast per call (no FP8 arithmetic on CPU: FP8 runs for
+  accuracy, and says so).
 * :class:`Int8Linear`: W8A8 (int8 per-channel weights, int8 inputs per token, per call or with a
   calibrated scale): the input is quantized on the fly and lowbit's int8 × int8 GEMM
   (``csrc/int8_gemm.cpp``) sums in int32, for decode and prefill alike.
@@ -107,21 +108,20 @@ class DenseLinear(FastLinear):
 
 
 class Fp8Linear(FastLinear):
-    """float8 e4m3 weights [N, K] with a per-channel scale [N]; upcast per call (no fp8 GEMM on CPU)."""
+    """float8 e4m3 weights [N, K] with a float32 scale per row (all equal for a per-tensor scale), upcast on every
+    call: CPUs have no FP8 arithmetic, so FP8 here is for accuracy checks (what an FP8 GPU would compute), not speed."""
 
-    fallback = "no fp8 kernel on CPU: weights upcast on every call"
+    fallback = "FP8 weights: no FP8 arithmetic on CPU, upcast on every call (for accuracy, not speed)"
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.float32):
+    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, dtype=torch.float32):
         super().__init__(bias, dtype)
-        self.out_features, self.in_features = weight.shape
-        fp8 = torch.float8_e4m3fn
-        scale = (weight.abs().amax(dim=1).float() / torch.finfo(fp8).max).clamp(min=1e-12)
-        self.register_buffer("weight", (weight.float() / scale[:, None]).to(fp8))
-        self.register_buffer("scale", scale.to(dtype))
+        self.out_features, self.in_features = qw.shape
+        self.register_buffer("weight", qw.q.to(torch.float8_e4m3fn).contiguous())
+        self.register_buffer("scale", qw.scale.float().reshape(-1, 1).to(dtype))
         self.kernel = f"fp8 upcast to {_dtype_name(dtype)} per call"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(self.dtype) * self.scale[:, None]
+        w = self.weight.to(self.dtype) * self.scale
         return self._finish(F.linear(x.reshape(-1, self.in_features).to(self.dtype), w), x)
 
 
@@ -215,6 +215,8 @@ def fast_linear(qw: Optional[QuantizedWeight], weight=None, bias=None, device="c
         return with_inputs(fast_linear(qw, weight, bias, device, dtype), inputs, reason)
     if qw is None:
         return DenseLinear(weight, bias, dtype)
+    if qw.args.is_fp8:
+        return Fp8Linear(qw, bias, dtype)
     reason = why_not_packable(qw) if device == "cpu" else f"no packed kernel on {device}"
     if reason is None:
         reason = unavailable_reason()

@@ -82,8 +82,8 @@ class QuantizationArgs:
         return (1 << (self.num_bits - 1)) - 1
 
     def group_size_for(self, in_features: int) -> int:
-        """Columns per scale for a layer of this input width (``in_features`` for per-channel)."""
-        return in_features if self.strategy == "channel" else int(self.group_size)
+        """Columns per scale for a layer of this input width (``in_features`` per channel or tensor)."""
+        return int(self.group_size) if self.strategy == "group" else in_features
 
     def with_group_size(self, group_size: Optional[int]) -> "QuantizationArgs":
         if group_size is None:
@@ -193,9 +193,30 @@ def _with_activations(weights_preset, activations: QuantizationArgs, summary: st
     return preset
 
 
+# FP8 E4M3 (compressed-tensors' FP8 presets): per-tensor weights and calibrated per-tensor inputs, or
+# per-channel weights and per-token inputs computed on the fly (no calibration data).
+FP8_PER_TENSOR = QuantizationArgs(num_bits=8, type="float", strategy="tensor", group_size=None, observer="minmax")
+FP8_PER_TOKEN = QuantizationArgs(num_bits=8, type="float", strategy="token", group_size=None, dynamic=True,
+                                 observer="minmax")
+
+
+def _fp8_weights(strategy: str):
+    def preset(group_size: Optional[int] = None, actorder: Optional[str] = None, observer: str = "minmax"):
+        if group_size:
+            raise LowbitError("FP8 presets have a scale per tensor or per channel: drop --group-size")
+        return QuantizationScheme(weights=QuantizationArgs(num_bits=8, type="float", strategy=strategy,
+                                                           group_size=None, actorder=actorder, observer=observer))
+
+    return preset
+
+
 W8A8 = _with_activations(W8A16, INT8_PER_TOKEN, "int8 per-channel weights, int8 per-token dynamic activations.")
 W8A8_STATIC = _with_activations(W8A16, INT8_PER_TENSOR, "int8 per-channel weights, int8 per-tensor calibrated activations.")
 W4A8 = _with_activations(W4A16, INT8_PER_TOKEN, "int4 g128 weights, int8 per-token dynamic activations.")
+FP8 = _with_activations(_fp8_weights("tensor"), FP8_PER_TENSOR,
+                        "FP8 E4M3 per-tensor weights, FP8 per-tensor calibrated activations.")
+FP8_DYNAMIC = _with_activations(_fp8_weights("channel"), FP8_PER_TOKEN,
+                                "FP8 E4M3 per-channel weights, FP8 per-token dynamic activations (no data needed).")
 
 PRESETS = {
     "W8A16": W8A16,
@@ -208,6 +229,8 @@ PRESETS = {
     "W8A8": W8A8,
     "W8A8_STATIC": W8A8_STATIC,
     "W4A8": W4A8,
+    "FP8": FP8,
+    "FP8_DYNAMIC": FP8_DYNAMIC,
 }
 
 

@@ -6,7 +6,8 @@ a float ``scale`` and an integer ``zero_point`` per group, and
     w ≈ ŵ = (q - zero_point) · scale            q = clamp(round(w / scale) + zero_point)
 
 Symmetric grids have ``zero_point = 0`` and ``scale = max|w| / ((q_max - q_min) / 2)``;
-asymmetric grids stretch ``[min(w, 0), max(w, 0)]`` over all ``2^b`` levels. Code-book grids
+asymmetric grids stretch ``[min(w, 0), max(w, 0)]`` over all ``2^b`` levels. FP8 E4M3 grids store
+``q = e4m3(w / scale)`` (float8_e4m3fn) with ``scale = max|w| / 448``. Code-book grids
 (NF4, FP4; see :mod:`lowbit.schemes.codebooks`) store a 4-bit code per weight and
 ŵ = level[q + 8] · scale with ``scale = max|w| / max|level|``.
 """
@@ -24,7 +25,7 @@ from lowbit.schemes.codebooks import decode, levels, max_level, nearest_code
 
 @dataclass
 class QuantizedWeight:
-    """A weight on a grid: ``q`` int8 [out, in], ``scale`` [out, groups], ``zero_point`` [out, groups] or None
+    """A weight on a grid: ``q`` int8 [out, in] (float8_e4m3fn on an FP8 grid), ``scale`` [out, groups], ``zero_point`` [out, groups] or None
     (int8, or floating point when ``args.zp_dtype`` is set)."""
 
     q: torch.Tensor
@@ -45,12 +46,18 @@ class QuantizedWeight:
 
 
 MSE_SHRINK = torch.linspace(1.0, 0.8, 21)
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def code_dtype(args: QuantizationArgs) -> torch.dtype:
+    """How ``q`` is stored: int8 codes, or float8_e4m3fn values on an FP8 grid."""
+    return torch.float8_e4m3fn if args.is_fp8 else torch.int8
 MSE_NORM = 2.4
 
 
 def _range_qparams(w_min: torch.Tensor, w_max: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype):
     """Scale and zero point stretching [w_min, w_max] (per row) over the grid; symmetric uses max |w|."""
-    steps = max_level(args.type) if args.is_codebook else (args.q_max - args.q_min) / 2
+    steps = max_level(args.type) if args.is_codebook else FP8_MAX if args.is_fp8 else (args.q_max - args.q_min) / 2
     if args.symmetric:
         scale = (torch.maximum(-w_min, w_max) / steps).to(dtype).float()
         return torch.where(scale > 0, scale, torch.ones_like(scale)).to(dtype), None
@@ -69,6 +76,9 @@ def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.d
     uses the stored value so that what is saved reproduces exactly what was computed.
     """
     dtype = dtype or w.dtype
+    if args.strategy == "tensor":  # one scale for the whole weight, repeated per row
+        scale, zero = fit_qparams(w.reshape(1, -1), args.with_group_size(None), dtype)
+        return scale.expand(w.shape[0]).clone(), None if zero is None else zero.expand(w.shape[0]).clone()
     w = w.float()
     w_min, w_max = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
     if args.observer != "mse":
@@ -93,6 +103,8 @@ def quantize_with(
     """Round ``w`` [rows, cols] onto the grid given per-row ``scale``/``zero_point`` [rows] → int8 q [rows, cols]."""
     if args.is_codebook:
         return nearest_code(w.float() / scale.float()[:, None], levels(args.type))
+    if args.is_fp8:
+        return (w.float() / scale.float()[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     z = 0.0 if zero_point is None else zero_point.float()[:, None]
     q = torch.round(w.float() / scale.float()[:, None] + z)
     return q.clamp_(args.q_min, args.q_max).to(torch.int8)
@@ -153,7 +165,7 @@ def resolve_group_size(args: QuantizationArgs, in_features: int) -> Quantization
     width. When it does not, the layer falls back to the largest power-of-two group size below
     the requested one that divides it (per-channel if none does); callers report the change.
     """
-    if args.strategy == "channel" or in_features % args.group_size == 0:
+    if args.strategy != "group" or in_features % args.group_size == 0:
         return args
     g = 1 << (int(args.group_size).bit_length() - 1)
     while g >= MIN_GROUP_SIZE:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from compressed_tensors.quantization import QuantizationConfig
 from safetensors.torch import load_file
 
-from lowbit import LLM, W4A8, W8A8, W8A8_STATIC, SamplingParams, api
+from lowbit import FP8, FP8_DYNAMIC, LLM, W4A8, W8A8, W8A8_STATIC, SamplingParams, api
 from lowbit.algorithms import get_method
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load_model
@@ -140,3 +140,45 @@ def test_transformers_loads_w8a8_checkpoints_on_cpu_and_quantizes_their_inputs(t
     ids = torch.arange(3, 40)[None]
     a, b = _logits(theirs, ids), _logits(mine, ids)
     assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("scheme", [FP8_DYNAMIC(), FP8()], ids=["FP8_DYNAMIC", "FP8"])
+def test_fp8_checkpoints_are_float_quantized_and_every_consumer_computes_the_same(tiny_model_dir, tmp_path, scheme):
+    """FP8_DYNAMIC needs no data; FP8 calibrates its static input scales. On disk: float8_e4m3fn weights, a
+    scale per channel or one per tensor; transformers computes exactly lowbit's evaluation logits; the runtime
+    runs them (upcast: it says FP8 is for accuracy on CPU) and agrees with evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fp8"
+    kw = {} if scheme.input_activations.dynamic else CALIB
+    _, model, _ = api.quantize(str(tiny_model_dir), scheme, method="rtn", output_dir=out, progress=False,
+                               return_model=True, **kw)
+    parsed = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    group = next(iter(parsed.config_groups.values()))
+    assert parsed.format == "float-quantized" and group.input_activations.type == "float"
+    tensors = load_file(str(out / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn
+    rows = tensors[f"{name}.weight"].shape[0]
+    assert tensors[f"{name}.weight_scale"].shape == ((1,) if scheme.weights.strategy == "tensor" else (rows, 1))
+    ids = torch.arange(3, 40)[None]
+    evaluated = _logits(model, ids)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    torch.testing.assert_close(_logits(theirs, ids), evaluated, rtol=0, atol=1e-5)
+    llm = LLM(str(out), max_model_len=64)
+    assert any("no FP8 arithmetic on CPU" in line for line in llm.notices)
+    ran = llm.decoder(ids, 0, last_only=False)[0]
+    torch.testing.assert_close(ran, evaluated, rtol=0, atol=2e-2 * float(evaluated.abs().max()))
+
+
+def test_fp8_at_load_time_is_dynamic_fp8_w8a8_on_every_decoder_linear(tiny_model_dir):
+    """``LLM(..., quantization="fp8")`` as serving engines mean it: per-tensor FP8 weights, each call's input in FP8
+    with a scale of its own; the output projection is not FP8."""
+    llm = LLM(str(tiny_model_dir), quantization="fp8", max_model_len=64)
+    kernels = llm.kernels()
+    assert all("fp8 per-tensor dynamic inputs" in kernels[k] and "fp8 upcast" in kernels[k]
+               for k in ("qkv", "o_proj", "gate_up", "down_proj"))
+    assert "fp8" not in kernels["lm_head"]
+    assert any("FP8 inputs" in line for line in llm.notices)
+    out = llm.generate("It is a truth", SamplingParams(temperature=0, max_tokens=4))[0]
+    assert len(out.token_ids) == 4 or out.finish_reason == "stop"

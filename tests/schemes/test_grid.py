@@ -70,3 +70,22 @@ def test_mse_observer_never_does_worse_than_minmax_on_the_row_error(bits, symmet
         errors[observer] = (dequantize(qw) - w).abs().pow(2.4).reshape(64 * 4, 64).sum(dim=1)
     assert torch.all(errors["mse"] <= errors["minmax"] + 1e-6)
     assert errors["mse"].sum() < errors["minmax"].sum()
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_fp8_grid_stores_e4m3_values_with_the_largest_weight_at_448(strategy):
+    from lowbit.schemes import FP8, FP8_DYNAMIC
+
+    w = torch.randn(32, 96) * torch.logspace(-2, 1, 32)[:, None]  # rows of very different ranges
+    args = (FP8_DYNAMIC() if strategy == "channel" else FP8()).weights
+    qw = quantize(w, args, torch.float32)
+    assert qw.q.dtype == torch.float8_e4m3fn and qw.scale.shape == (32, 1)
+    peak = qw.q.float().abs().amax(dim=1)
+    if strategy == "channel":
+        torch.testing.assert_close(peak, torch.full((32,), 448.0))
+    else:
+        assert torch.equal(qw.scale, qw.scale[:1].expand(32, 1)) and float(peak.max()) == 448.0
+    # e4m3 keeps 3 mantissa bits: every normal value within 1/16 of itself
+    err = (qw.dequantize(torch.float32) - w).abs()
+    normal = qw.q.float().abs() >= 2**-6
+    assert bool((err[normal] <= w.abs()[normal] / 16 + 1e-9).all())
