@@ -34,7 +34,8 @@ RunModel = Annotated[
     str, typer.Argument(help="model to run: a lowbit checkpoint, a folder, a .gguf file, a hub id, or smollm2-135m")
 ]
 Quantization = Annotated[
-    Optional[str], typer.Option(help="quantize a full-precision model at load time: int8, int4 or fp8")
+    Optional[str], typer.Option(help="quantize a full-precision model at load time: int8, int4 (weights) or fp8"
+                                     " (dynamic FP8 W8A8; on CPU for accuracy, not speed)")
 ]
 MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
 LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or dense (the compute dtype)")]

@@ -183,7 +183,7 @@ def input_quantization(modules: list[nn.Module]) -> Optional[InputQuantization]:
 def why_not_int8(qw: Optional[QuantizedWeight], args: QuantizationArgs) -> Optional[str]:
     """None when the int8 × int8 kernel computes this layer with these inputs, else the reason in a few words."""
     if args.is_fp8:
-        return "FP8 inputs (no FP8 arithmetic on CPU)"
+        return "FP8 inputs (no FP8 arithmetic on CPU: FP8 runs for accuracy, not speed)"
     w = None if qw is None else qw.args
     if w is None or not (w.type == "int" and w.num_bits == 8 and w.symmetric and w.strategy == "channel"):
         return f"{'full-precision' if w is None else w.describe()} weights (the int8 kernel takes int8 per-channel)"

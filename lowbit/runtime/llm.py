@@ -38,7 +38,8 @@ class LLM:
     """A model ready to generate: ``LLM("out/smol-w4").generate(["Hello"], SamplingParams(max_tokens=32))``.
 
     ``quantization`` ("int8", "int4", "fp8") quantizes a full-precision checkpoint's decoder linears
-    with RTN at load time. ``lm_head="int8"`` (default) runs the output projection in per-channel
+    with RTN at load time; "fp8" is dynamic FP8 W8A8 as serving engines mean it (per-tensor FP8 weights,
+    each call's input in FP8 with its own scale), run upcast on CPU (accuracy, not speed). ``lm_head="int8"`` (default) runs the output projection in per-channel
     int8 (a quarter of the bytes of bf16, perplexity unchanged within noise); "dense" keeps it in
     the compute dtype. Llama-style families run on lowbit's lean decoder; others on transformers'
     forward. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.

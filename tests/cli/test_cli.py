@@ -224,7 +224,21 @@ def test_quantize_w8a8_with_smoothquant_auto_then_eval_runs_the_quantized_activa
     assert {g["input_activations"]["strategy"] for g in config["config_groups"].values()} == {"token"}
 
 
+def test_quantize_fp8_dynamic_needs_no_data_and_bench_says_fp8_is_for_accuracy(tiny_model_dir, tmp_path):
+    out = tmp_path / "fp8"
+    done = run("quantize", tiny_model_dir, "-o", out, "--scheme", "FP8_DYNAMIC", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["method"] == "rtn" and "fp8 per-channel" in result["scheme"]
+    assert json.loads((out / "lowbit_recipe.json").read_text())["calibration"] is None
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    bench = run("bench", out, "--prompt-tokens", "16", "--decode-tokens", "4", "--repeats", "1", "--json")
+    assert bench.returncode == 0, bench.stderr
+    assert any("for accuracy, not speed" in line for line in json.loads(bench.stdout)["notices"])
+
+
 @pytest.mark.parametrize("args, message", [
+    (("--scheme", "FP8", "--group-size", "64"), "drop --group-size"),
     (("--scheme", "W8A8", "--smoothquant", "strong"), "between 0 and 1"),
     (("--scheme", "W8A8", "--bits", "4"), "drop --bits"),
     (("--scheme", "W5A5"), "unknown scheme"),
