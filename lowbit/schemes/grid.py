@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from lowbit.schemes.activations import FP8_MAX
 from lowbit.schemes.args import MIN_GROUP_SIZE, QuantizationArgs
 from lowbit.schemes.codebooks import decode, levels, max_level, nearest_code
 
@@ -46,13 +47,12 @@ class QuantizedWeight:
 
 
 MSE_SHRINK = torch.linspace(1.0, 0.8, 21)
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+MSE_NORM = 2.4
 
 
 def code_dtype(args: QuantizationArgs) -> torch.dtype:
     """How ``q`` is stored: int8 codes, or float8_e4m3fn values on an FP8 grid."""
     return torch.float8_e4m3fn if args.is_fp8 else torch.int8
-MSE_NORM = 2.4
 
 
 def _range_qparams(w_min: torch.Tensor, w_max: torch.Tensor, args: QuantizationArgs, dtype: torch.dtype):
