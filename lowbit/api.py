@@ -167,6 +167,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         "calibration": calib_record,
         "layers": [asdict(layer) for layer in report.layers],
         "smoothquant_alpha": report.smoothing or None,
+        "static_input_clipping": report.input_clipping or None,
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }

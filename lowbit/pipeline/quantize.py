@@ -29,7 +29,7 @@ from lowbit.calibration.statistics import (
     capture_block_inputs,
     collect_hessians,
     empirical_fisher,
-    input_amax,
+    input_ranges,
     run_block,
 )
 from lowbit.models.architectures import architecture_of, decoder_blocks
@@ -60,6 +60,7 @@ class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     self_generated: bool = False  # the Fisher ranking ran on sequences the model sampled itself
     smoothing: dict[str, Optional[float]] = field(default_factory=dict)  # SmoothQuant's α per smoothed op (None: s = 1)
+    input_clipping: dict[str, float] = field(default_factory=dict)  # static input range = r · max|x|: r per Linear
 
     @property
     def fallbacks(self) -> list[LayerReport]:
@@ -197,11 +198,12 @@ def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder,
         if method.transform is not None:
             method.transform(block, calls, recipe.scheme.weights, arch.smoothing, arch.norm_offset)
         hessians = collect_hessians(block, linears, calls) if calls is not None and method.uses_hessian else {}
-        amax = input_amax(block, linears, calls) if acts and not acts.dynamic else {}
+        ranges = input_ranges(block, linears, calls, acts) if acts and not acts.dynamic else {}
+        report.input_clipping.update({name: r for name, (_, r) in ranges.items()})
         for name, linear in linears.items():
-            scale = amax.get(name)
+            rng = ranges.get(name)
             rounder.linear(name, linear, hessians.get(name), in_block=True,
-                           input_scale=None if scale is None else static_scale(scale, acts))
+                           input_scale=None if rng is None else static_scale(rng[0], acts))
         if calls is not None and (i + 1 < len(blocks) or targets.lm_head is not None):
             inputs = run_block(block, calls)
         if on_step:
