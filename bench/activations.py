@@ -97,7 +97,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
-    p.add_argument("--keep", action="store_true", help="keep the rows already in OUT/activations.json")
+    p.add_argument("--keep", action="store_true", help="keep the rows already in OUT/activations.json (those --only"
+                   " names are measured again)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     results = a.out / "activations.json"
@@ -105,7 +106,7 @@ def main() -> None:
     wanted = set(a.only.split(",")) if a.only else None
     rows = []
     for label, args in ROWS:
-        if label in kept:
+        if label in kept and (wanted is None or label not in wanted):
             rows.append(kept[label])
         elif wanted is None or label in wanted:
             rows.append(measure(a, label, args))
