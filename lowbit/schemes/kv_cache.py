@@ -1,0 +1,131 @@
+"""KV cache formats: how each cached position's keys and values are stored, as the pure functions that the
+runtime's prompt path, its compiled decode step (``csrc/decode_step.cpp``, tested against these) and
+evaluation share. x is one head's key or value vector [d] at one position; shapes below are [..., T, d].
+
+    bf16   x̂ = bf16(x)
+    int8   per position and head: s = fp16(max_j |x_j| / 127),  c = clamp(round(x / s), −127, 127),  x̂ = s·c
+    fp8    E4M3 per position and head, s = fp16(max_j |x_j| / 448); or one static s per layer for all keys
+           (values), compressed-tensors' calibrated ``k_scale`` / ``v_scale``;  c = e4m3(clamp(x / s, ±448)),
+           x̂ = s·c
+    int4   KIVI: keys per channel over a group of G consecutive positions, values per position and head,
+           both asymmetric: s = fp16((max − min) / 15), m = fp16(min), c = clamp(round((x − m) / s), 0, 15),
+           x̂ = s·c + m. A group is quantized when its last position is stored; until then its positions stay
+           bf16 (KIVI's full-precision residual), so a query at position t reads position j quantized
+           exactly when j < G·⌊(t + 1) / G⌋ (:func:`quantized_end`).
+
+Scales are float16, floored at fp16's smallest normal (2⁻¹⁴) so that they never underflow; the codes are
+computed from the rounded scale, so x̂ is exactly what a reader reconstructs. int4 codes are packed two
+per byte along d: byte i = c[2i] | c[2i + 1] << 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.schemes.activations import FP8_MAX, INT8_MAX
+
+SCALE_FLOOR = 2.0**-14  # fp16's smallest normal
+INT4_LEVELS = 15
+
+
+@dataclass(frozen=True)
+class KVCacheFormat:
+    """One way of storing keys and values; ``group``: int4's positions per key group (G)."""
+
+    name: str
+    bits: int
+    group: int = 0
+
+    @property
+    def per_token(self) -> bool:
+        """int8 and fp8: a scale per position and head (fp8 may instead take one static scale per layer)."""
+        return self.name in ("int8", "fp8")
+
+    def bytes_per_token(self, layers: int, kv_heads: int, head_dim: int, static: bool = False) -> float:
+        """Cache bytes one more position costs over every layer's keys and values (int4: at a depth that
+        fills whole groups; its bf16 residual of under G positions is a constant, not per token)."""
+        d = head_dim
+        if self.name == "bf16":
+            per_head = 2 * 2 * d
+        elif self.per_token:
+            per_head = 2 * (d + (0 if static else 2))
+        else:  # keys: d/2 code bytes + a scale and a minimum per channel per G positions; values: per position
+            per_head = (d / 2 + 4 * d / self.group) + (d / 2 + 4)
+        return layers * kv_heads * per_head
+
+
+FORMATS = {
+    "bf16": KVCacheFormat("bf16", 16),
+    "int8": KVCacheFormat("int8", 8),
+    "fp8": KVCacheFormat("fp8", 8),
+    "int4": KVCacheFormat("int4", 4, group=64),
+}
+
+
+def kv_format(name: str) -> KVCacheFormat:
+    """The format named ``name``, or a one-line :class:`LowbitError` listing the names."""
+    if name not in FORMATS:
+        raise LowbitError(f"unknown KV cache format {name!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(SCALE_FLOOR, 65504.0).to(torch.float16)
+
+
+def quantize_tokens(x: torch.Tensor, fmt: KVCacheFormat, static_scale: Optional[float] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """int8 / fp8 codes of x [..., d] (int8 or float8_e4m3fn, same shape) and the fp16 scale per position
+    [...] (None with a static fp8 scale)."""
+    q_max = FP8_MAX if fmt.name == "fp8" else float(INT8_MAX)
+    x = x.float()
+    if static_scale is not None:
+        s, s_out = torch.tensor(static_scale, dtype=torch.float32), None
+    else:
+        s_out = _fp16_scale(x.abs().amax(-1) / q_max)
+        s = s_out.float()[..., None]
+    y = x / s
+    if fmt.name == "fp8":
+        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s_out
+    return y.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s_out
+
+
+def dequantize_tokens(c: torch.Tensor, s: Optional[torch.Tensor], static_scale: Optional[float] = None) -> torch.Tensor:
+    """x̂ = s·c, float32 [..., d]."""
+    scale = torch.tensor(static_scale, dtype=torch.float32) if s is None else s.float()[..., None]
+    return c.float() * scale
+
+
+def quantize_asymmetric(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit codes (uint8, x's shape) with the fp16 scale s and minimum m over ``dim`` (kept as size 1):
+    dim −1 for values (per position), −2 for a group of keys (per channel)."""
+    x = x.float()
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    m = lo.to(torch.float16)
+    s = _fp16_scale((hi - m.float()) / INT4_LEVELS)
+    c = ((x - m.float()) / s.float()).round().clamp(0, INT4_LEVELS).to(torch.uint8)
+    return c, s, m
+
+
+def dequantize_asymmetric(c: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x̂ = s·c + m, float32 (s and m broadcast over the dimension they were taken over)."""
+    return c.float() * s.float() + m.float()
+
+
+def pack_nibbles(c: torch.Tensor) -> torch.Tensor:
+    """Codes [..., d] (0 … 15, d even) two per byte: byte i = c[2i] | c[2i + 1] << 4."""
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_nibbles`."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def quantized_end(t: int, group: int) -> int:
+    """int4: how many leading positions a query at position t reads quantized (whole groups stored by then)."""
+    return group * ((t + 1) // group)
