@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 from lowbit.models.architectures import ARCHITECTURES, Architecture, architecture_of
 from lowbit.runtime.cpu import compute_dtype
+from lowbit.runtime.kv_cache import Entries, KVCache
 from lowbit.runtime.kernels import (
     DenseLinear,
     Int8Linear,
@@ -43,6 +44,7 @@ from lowbit.runtime.kernels import (
 from lowbit.runtime.native import native_module
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.grid import QuantizedWeight
+from lowbit.schemes.kv_cache import kv_format
 
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the codes DecodeStep takes
@@ -128,10 +130,14 @@ class LeanDecoder(nn.Module):
         dtype: Optional[torch.dtype] = None,
         cache_dtype: torch.dtype = torch.bfloat16,
         consume: bool = False,
+        kv_cache: str = "bf16",
+        kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ):
-        """``dtype``: compute dtype (default: what this CPU computes natively). ``cache_dtype``: how K and V
-        are stored; bfloat16 on every CPU by default (half the bytes a decode step reads at depth, as
-        llama.cpp's f16 cache), widened to float32 as it is read. ``consume``: take ``hf_model``'s layers
+        """``dtype``: compute dtype (default: what this CPU computes natively). ``kv_cache``: how K and V are
+        stored (:mod:`lowbit.schemes.kv_cache`: bf16, int8, fp8, int4); bf16 by default on every CPU (half the
+        bytes a decode step reads at depth, as llama.cpp's f16 cache), ``cache_dtype`` its storage dtype (float32
+        for exact comparisons); ``kv_scales``: fp8's calibrated per-layer (k_scale, v_scale) [L] each, else
+        dynamic scales per position. ``consume``: take ``hf_model``'s layers
         apart while building (each one's tensors freed once its fused copy exists), so that the load never
         holds the model twice; ``hf_model`` cannot run afterwards."""
         super().__init__()
@@ -182,12 +188,21 @@ class LeanDecoder(nn.Module):
         tables = [rotary(probe, positions, *([kind] if per_kind else [])) for kind in kinds]
         self.register_buffer("cos", torch.stack([cos[0].float() for cos, _ in tables]))  # [kinds, max_len, d]
         self.register_buffer("sin", torch.stack([sin[0].float() for _, sin in tables]))
-        shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=cache_dtype))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=cache_dtype))
+        self.cache = KVCache(kv_format(kv_cache), len(self.blocks), self.kv_heads, max_len, self.head_dim, kv_scales,
+                             dense_dtype=cache_dtype)
         self.step_unavailable = unavailable_reason() if self.dtype in (torch.float32, torch.bfloat16) else (
             f"compute dtype {self.dtype}")
+        if not self.step_unavailable and kv_cache != "bf16":
+            self.step_unavailable = f"the {kv_cache} KV cache is not in the compiled step yet"
         self.step = None if self.step_unavailable else self._compiled_step(native_module())
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        return self.cache.k
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        return self.cache.v
 
     def _compiled_step(self, native):
         """The one-call decode step over this decoder's weights and cache."""
@@ -220,7 +235,10 @@ class LeanDecoder(nn.Module):
         report = kernels_by_kind(self.projections())
         report["decode step"] = ("compiled (csrc/decode_step.cpp)" if self.step is not None
                                  else f"PyTorch loop ({self.step_unavailable})")
-        report["KV cache"] = str(self.k_cache.dtype).removeprefix("torch.")
+        fmt = self.cache.fmt.name
+        report["KV cache"] = str(self.k_cache.dtype).removeprefix("torch.") if fmt == "bf16" else (
+            f"{fmt} ({'static' if self.cache.static else 'dynamic'} scales)" if self.cache.fmt.per_token
+            else f"{fmt} (keys per channel over {self.cache.fmt.group} positions, values per position)")
         return report
 
     @staticmethod
@@ -243,31 +261,27 @@ class LeanDecoder(nn.Module):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def _attend(self, i: int, q: torch.Tensor, start: int, T: int) -> torch.Tensor:
-        """Attention of q [1, heads, T, d] over cached positions [0, start + T), causal, within the block's window.
+    def _attend(self, i: int, q: torch.Tensor, entries: Entries, start: int) -> torch.Tensor:
+        """Attention of q [1, heads, T, d] at positions start … start + T − 1 over the cache ``entries`` each may read
+        (causal, within the block's window, quantized or full precision as the cache format says).
 
-        Per chunk of ``ATTENTION_CHUNK`` query rows over only the keys they can see, so that the score matrix
+        Per chunk of ``ATTENTION_CHUNK`` query rows over only the entries they can see, so that the score matrix
         stays heads × chunk × context and the keys past the causal edge are never multiplied.
         """
-        end, window = start + T, self.blocks[i].window
+        T, window, group = q.shape[2], self.blocks[i].window, self.cache.group
+        t = torch.arange(start, start + T)
         if T == 1:  # float32, as the compiled step computes it
-            first = max(0, end - window) if window else 0
-            k, v = self.k_cache[i, 0, :, first:end], self.v_cache[i, 0, :, first:end]
-            return F.scaled_dot_product_attention(q.float(), k[None].float(), v[None].float(), enable_gqa=True,
-                                                  scale=self.attn_scale)
-        k, v = self.k_cache[i, 0, :, :end].to(self.dtype), self.v_cache[i, 0, :, :end].to(self.dtype)
+            seen = entries.visible(t, group, window)[0]
+            k, v = entries.k[:, seen], entries.v[:, seen]
+            return F.scaled_dot_product_attention(q.float(), k[None], v[None], enable_gqa=True, scale=self.attn_scale)
+        k, v = entries.k.to(self.dtype), entries.v.to(self.dtype)
         q = q[0].to(self.dtype)
         out = torch.empty(self.heads, T, self.head_dim, dtype=torch.float32)
         for r0 in range(0, T, ATTENTION_CHUNK):
             r1 = min(T, r0 + ATTENTION_CHUNK)
-            first = max(0, start + r0 - window + 1) if window else 0
-            ctx = start + r1
-            # key position first + j is visible from query position start + r0 + i when it is not later and,
-            # under a window, not window or more positions earlier
-            visible = torch.ones(r1 - r0, ctx - first, dtype=torch.bool).tril(diagonal=start + r0 - first)
-            if window:
-                visible &= ~torch.ones_like(visible).tril(diagonal=start + r0 - first - window)
-            out[:, r0:r1] = self._attend_chunk(q[:, r0:r1], k[:, first:ctx], v[:, first:ctx], visible)
+            visible = entries.visible(t[r0:r1], group, window)
+            cols = visible.any(0).nonzero()[:, 0]
+            out[:, r0:r1] = self._attend_chunk(q[:, r0:r1], k[:, cols], v[:, cols], visible[:, cols])
         return out[None]
 
     def _attend_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -309,9 +323,8 @@ class LeanDecoder(nn.Module):
             if b.q_norm is not None:
                 q, k = self._rms(q, b.q_norm), self._rms(k, b.k_norm)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.k_cache[i, :, :, start : start + T] = k
-            self.v_cache[i, :, :, start : start + T] = v
-            a = b.o(self._attend(i, q, start, T).transpose(1, 2).reshape(1, T, -1))
+            entries = self.cache.update(i, start, k[0], v[0])
+            a = b.o(self._attend(i, q, entries, start).transpose(1, 2).reshape(1, T, -1))
             h = h + (a if b.post_attn is None else self._rms(a, b.post_attn))
             x = self._rms(h, b.norm_mlp)
             gate, up = b.gate_up(x).split([b.intermediate, b.intermediate], dim=-1)
