@@ -40,6 +40,8 @@ Quantization = Annotated[
 MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
 LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or dense (the compute dtype)")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: all)")]
+KvCache = Annotated[str, typer.Option("--kv-cache", help="how keys and values are cached: bf16, int8 (per position),"
+                                                       " fp8 (E4M3 per position) or int4 (KIVI)")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) checkpoints")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run model code from the hub")]
 
@@ -241,7 +243,7 @@ def evaluate(
         raise typer.Exit(failed)
 
 
-def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code):
+def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache="bf16"):
     from lowbit.runtime.llm import LLM
 
     _quiet_transformers()
@@ -253,6 +255,7 @@ def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle
         threads=threads,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        kv_cache=kv_cache,
     )
 
 
@@ -271,6 +274,7 @@ def chat(
     max_model_len: MaxModelLen = 2048,
     lm_head: LmHead = "int8",
     threads: Threads = None,
+    kv_cache: KvCache = "bf16",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -278,7 +282,7 @@ def chat(
     from lowbit.cli.chat import chat_loop
     from lowbit.runtime.sampling import SamplingParams
 
-    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code)
+    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     chat_loop(llm, params, system)
 
@@ -294,6 +298,7 @@ def serve(
     max_model_len: MaxModelLen = 2048,
     lm_head: LmHead = "int8",
     threads: Threads = None,
+    kv_cache: KvCache = "bf16",
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -302,7 +307,7 @@ def serve(
 
     from lowbit.serving.app import create_app
 
-    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code)
+    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache)
     name = served_model_name or model
     print(f"serving {name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
@@ -317,13 +322,14 @@ def bench(
     repeats: int = typer.Option(3, help="repetitions (median and best are reported)"),
     lm_head: LmHead = "int8",
     threads: Threads = None,
+    kv_cache: KvCache = "bf16",
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     """Inference speed and memory: load time, size, peak memory and its parts, prefill and decode tokens per second."""
     from lowbit.cli.report import emit_json, print_table, speed_table
     from lowbit.evaluation.speed import measure_speed
 
-    llm = _load_llm(model, quantization, prompt_tokens + decode_tokens, lm_head, threads, False, False)
+    llm = _load_llm(model, quantization, prompt_tokens + decode_tokens, lm_head, threads, False, False, kv_cache)
     result = measure_speed(llm, prompt_tokens, decode_tokens, repeats).to_dict()
     if as_json:
         emit_json(result)

@@ -92,8 +92,9 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 256, repea
 
         decode.append(decode_tokens / _timed(run_decode))
     tensors = [(n, t) for n, t in (*decoder.named_buffers(), *decoder.named_parameters()) if t is not None]
-    cache = sum(t.numel() * t.element_size() for n, t in tensors if n.endswith("_cache"))
-    weights = sum(t.numel() * t.element_size() for n, t in tensors if not n.endswith("_cache"))
+    in_cache = [n.startswith("cache.") for n, _ in tensors]  # the lean decoder's KVCache and its scales
+    cache = sum(t.numel() * t.element_size() for (_, t), c in zip(tensors, in_cache) if c)
+    weights = sum(t.numel() * t.element_size() for (_, t), c in zip(tensors, in_cache) if not c)
     run_peak = peak_rss_bytes()
     runtime, after_load = llm.rss_before_load_bytes, llm.rss_after_load_bytes
     parts = {"runtime": runtime, "weights": weights, "kv_cache": cache, "activations": max(0, run_peak - after_load),

@@ -19,6 +19,7 @@ from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import fallback_notice
 from lowbit.runtime.onthefly import ON_THE_FLY, quantizer_for
 from lowbit.runtime.sampling import SamplingParams, sample
+from lowbit.schemes.kv_cache import kv_format
 
 
 @dataclass
@@ -41,7 +42,8 @@ class LLM:
     with RTN at load time; "fp8" is dynamic FP8 W8A8 as serving engines mean it (per-tensor FP8 weights,
     each call's input in FP8 with its own scale), run upcast on CPU (accuracy, not speed). ``lm_head="int8"`` (default) runs the output projection in per-channel
     int8 (a quarter of the bytes of bf16, perplexity unchanged within noise); "dense" keeps it in
-    the compute dtype. Llama-style families run on lowbit's lean decoder; others on transformers'
+    the compute dtype. ``kv_cache``: how keys and values are cached (bf16, int8, fp8, int4: see
+    :mod:`lowbit.schemes.kv_cache`). Llama-style families run on lowbit's lean decoder; others on transformers'
     forward. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
     """
 
@@ -54,7 +56,9 @@ class LLM:
         threads: Optional[int] = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        kv_cache: str = "bf16",
     ):
+        kv_format(kv_cache)  # an unknown cache format is refused before the model loads
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
         if lm_head not in ("int8", "dense", "bf16"):
@@ -76,7 +80,10 @@ class LLM:
         head = quantizer_for("int8") if lm_head == "int8" else None
         with lean_loading():
             if LeanDecoder.supports(hf_model):
-                self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True)
+                self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True, kv_cache=kv_cache)
+            elif kv_cache != "bf16":
+                raise LowbitError(f"a {kv_cache} KV cache needs lowbit's lean decoder, which does not take"
+                                  f" {hf_model.config.model_type}; drop --kv-cache")
             else:
                 self.decoder = HFDecoder(hf_model, self.max_model_len, body)
             del hf_model

@@ -120,6 +120,21 @@ def test_bench_reports_speeds_as_json(tiny_model_dir):
     assert result["model_peak_bytes"] == result["peak_rss_bytes"] - parts["runtime"]
 
 
+def test_bench_with_an_int8_kv_cache_counts_its_bytes_and_names_the_slower_decode_loop(tiny_model_dir):
+    done = run("bench", tiny_model_dir, "--kv-cache", "int8", "--prompt-tokens", "32", "--decode-tokens", "8",
+               "--repeats", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # 2 layers, K and V, 2 KV heads, 40 positions: 24 int8 codes and a float16 scale each
+    assert result["kv_cache_bytes"] == 2 * 2 * 2 * (32 + 8) * (24 + 2)
+    assert result["kernels"]["KV cache"] == "int8 (dynamic scales)"
+    assert any("int8 KV cache is not in the compiled step" in line for line in result["notices"])
+
+
+def test_an_unknown_kv_cache_is_refused_before_loading(tiny_model_dir):
+    assert_clean_failure(run("chat", tiny_model_dir, "--kv-cache", "q4_0"), "unknown KV cache format 'q4_0'")
+
+
 def test_serve_refuses_unknown_quantization(tiny_model_dir):
     assert_clean_failure(run("serve", tiny_model_dir, "--quantization", "int3"), "int3")
 
