@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
 from lowbit.evaluation.perplexity import perplexity
 from lowbit.evaluation import harness
+from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
 from lowbit.formats.compressed_tensors import read_record, save_quantized
@@ -29,6 +30,7 @@ from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.progress import progress_bar
 from lowbit.schemes.args import QuantizationScheme, make_scheme
+from lowbit.schemes.kv_cache import kv_format
 
 
 @dataclass
@@ -71,6 +73,7 @@ class EvalResult:
     peak_rss_bytes: int
     recipe: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)  # name → TaskResult.to_dict()
+    kv_cache: Optional[str] = None  # the cache format K and V were read through (None: full precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,9 +262,12 @@ class EvalPlan:
 
 
 def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (),
-                      seed: int = 0, include_path: Optional[str] = None, limit: Optional[int] = None) -> EvalPlan:
+                      seed: int = 0, include_path: Optional[str] = None, limit: Optional[int] = None,
+                      kv_cache: Optional[str] = None) -> EvalPlan:
     """Refuse bad evaluation options before any model is loaded, and build what will be scored."""
     dtype_named(dtype)
+    if kv_cache is not None:
+        kv_format(kv_cache)
     if seqlen < 2:
         raise LowbitError(f"seqlen must be at least 2, got {seqlen}")
     _check_batch_size(batch_size)
@@ -293,17 +299,21 @@ def evaluate(
     seed: int = 0,
     include_path: Optional[str] = None,
     limit: Optional[int] = None,
+    kv_cache: Optional[str] = None,
 ) -> EvalResult:
     """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl``, the offline
     ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error) or lm-evaluation-harness
     tasks by name (``include_path``: a folder of task YAMLs; ``limit``: items per task), plus size,
-    bits/weight, peak memory and time."""
-    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit)
+    bits/weight, peak memory and time. ``kv_cache``: read K and V as that runtime cache format stores them
+    (bf16, int8, fp8, int4; :mod:`lowbit.evaluation.kv_attention`)."""
+    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit, kv_cache)
     text = plan.text
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, dtype_named(dtype), allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
     path = source.path
+    if kv_cache is not None:
+        use_kv_cache_format(hf_model, kv_cache)
     result = None
     if text is not None:
         with progress_bar(f"perplexity {text.corpus}", progress) as step:
@@ -331,4 +341,5 @@ def evaluate(
         peak_rss_bytes=peak_rss_bytes(),
         recipe=read_record(path) if path is not None and path.is_dir() else {},
         tasks=scores,
+        kv_cache=kv_cache,
     )

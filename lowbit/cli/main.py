@@ -202,6 +202,8 @@ def evaluate(
     seed: int = typer.Option(0, help="seed of the task items' construction"),
     include_path: Optional[str] = typer.Option(None, help="folder of lm-evaluation-harness task YAMLs (local data)"),
     limit: Optional[int] = typer.Option(None, help="items per task (default: each task's documented size)"),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="read keys and values as the runtime's cache"
+                                           " stores them: bf16, int8, fp8 or int4 (default: full precision)"),
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
@@ -215,12 +217,13 @@ def evaluate(
     failed = 0
     task_names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if len(models) > 1:
-        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path, limit)
+        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path, limit, kv_cache)
         argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
         argv += ["--tasks", ",".join(task_names), "--seed", str(seed)] if task_names else []
         argv += ["--include-path", include_path] if include_path else []
         argv += ["--limit", str(limit)] if limit else []
         argv += ["--max-tokens", str(max_tokens)] if max_tokens else []
+        argv += ["--kv-cache", kv_cache] if kv_cache else []
         argv += ["--allow-pickle"] if allow_pickle else []
         argv += ["--trust-remote-code"] if trust_remote_code else []
         results = []
@@ -232,7 +235,7 @@ def evaluate(
         results = [
             api.evaluate(
                 models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code,
-                tasks=task_names, seed=seed, include_path=include_path, limit=limit,
+                tasks=task_names, seed=seed, include_path=include_path, limit=limit, kv_cache=kv_cache,
             ).to_dict()
         ]
     if results and as_json:

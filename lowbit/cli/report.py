@@ -69,7 +69,7 @@ def eval_table(results: Iterable[dict]) -> Table:
     for r in results:
         ppl = r["perplexity"]
         table.add_row(
-            r["model"],
+            r["model"] + (f" (KV cache {r['kv_cache']})" if r.get("kv_cache") else ""),
             "-" if ppl is None else f"{ppl:.2f}",
             "-" if ppl is None or not base else f"{ppl / base:.3f}x",
             "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}",

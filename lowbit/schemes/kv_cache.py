@@ -100,15 +100,23 @@ def dequantize_tokens(c: torch.Tensor, s: Optional[torch.Tensor], static_scale: 
     return c.float() * scale
 
 
+def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4's fp16 scale s = (max − min) / 15 and minimum m of a range [lo, hi]."""
+    m = lo.to(torch.float16)
+    return _fp16_scale((hi.float() - m.float()) / INT4_LEVELS), m
+
+
+def asymmetric_codes(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """c = clamp(round((x − m) / s), 0, 15) as uint8."""
+    return ((x.float() - m.float()) / s.float()).round().clamp(0, INT4_LEVELS).to(torch.uint8)
+
+
 def quantize_asymmetric(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """4-bit codes (uint8, x's shape) with the fp16 scale s and minimum m over ``dim`` (kept as size 1):
     dim −1 for values (per position), −2 for a group of keys (per channel)."""
     x = x.float()
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    m = lo.to(torch.float16)
-    s = _fp16_scale((hi - m.float()) / INT4_LEVELS)
-    c = ((x - m.float()) / s.float()).round().clamp(0, INT4_LEVELS).to(torch.uint8)
-    return c, s, m
+    s, m = asymmetric_params(x.amin(dim, keepdim=True), x.amax(dim, keepdim=True))
+    return asymmetric_codes(x, s, m), s, m
 
 
 def dequantize_asymmetric(c: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,19 @@ def test_eval_refuses_a_zero_batch_size(tiny_model_dir, text_file):
     assert_clean_failure(run("eval", tiny_model_dir, "--ppl", text_file, "--batch-size", "0"), "batch size")
 
 
+def test_eval_through_an_int4_kv_cache_says_so_and_costs_a_little_perplexity(tiny_model_dir, text_file):
+    plain, int4 = (run("eval", tiny_model_dir, "--ppl", text_file, "--seqlen", "128", *extra, "--json")
+                   for extra in ((), ("--kv-cache", "int4")))
+    assert plain.returncode == 0 and int4.returncode == 0, plain.stderr + int4.stderr
+    a, b = json.loads(plain.stdout)[0], json.loads(int4.stdout)[0]
+    assert (a["kv_cache"], b["kv_cache"]) == (None, "int4")
+    assert a["perplexity"] != b["perplexity"] and abs(b["perplexity"] / a["perplexity"] - 1) < 0.05
+
+
+def test_eval_refuses_an_unknown_kv_cache_before_loading(tiny_model_dir, text_file):
+    assert_clean_failure(run("eval", tiny_model_dir, "--ppl", text_file, "--kv-cache", "int2"), "'int2'")
+
+
 def test_eval_of_several_models_keeps_the_results_that_finished(tiny_model_dir, tmp_path, text_file):
     done = run("eval", tiny_model_dir, tmp_path / "missing", "--ppl", text_file, "--seqlen", "32", "--json")
     assert done.returncode == 2
