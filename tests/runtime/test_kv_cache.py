@@ -62,6 +62,42 @@ def test_cache_bytes_are_the_formats_bytes_per_token(name):
         assert static.nbytes() == fmt.bytes_per_token(layers, heads, d, static=True) * N + 2 * layers * 4
 
 
+@pytest.mark.parametrize("case", ["int8", "fp8", "fp8 static"])
+def test_the_compiled_step_stores_the_codes_and_scales_python_stores_and_reads_them_alike(llama, case):
+    ids = torch.randint(0, llama.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    compiled, python = _decoder(llama, case, max_len=64), _decoder(llama, case, max_len=64)
+    if compiled.step is None:
+        pytest.skip(f"no compiled step here: {compiled.step_unavailable}")
+    python.step = None  # the PyTorch step: quantize_tokens and SDPA over the dequantized cache
+    for d in (compiled, python):
+        d(ids[:, :30], 0)
+    a = [compiled(ids[:, i : i + 1], i)[0, -1] for i in range(30, 40)]
+    b = [python(ids[:, i : i + 1], i)[0, -1] for i in range(30, 40)]
+    torch.testing.assert_close(torch.stack(a), torch.stack(b), rtol=0, atol=1e-4 * float(torch.stack(b).abs().max()))
+    stored = slice(30, 40)  # the same cache up to a rare code one step apart (k from another GEMV's rounding)
+    for x, y in ((compiled.cache.k, python.cache.k), (compiled.cache.v, python.cache.v)):
+        assert float((x[..., stored, :].float() != y[..., stored, :].float()).float().mean()) < 0.005
+
+
+@pytest.mark.parametrize("case", ["int8", "fp8", "fp8 static"])
+def test_the_compiled_cache_stores_exactly_what_quantize_tokens_computes(case):
+    from lowbit.runtime.native import native_module
+    from lowbit.schemes.kv_cache import quantize_tokens
+
+    module = native_module()
+    if module is None:
+        pytest.skip("no native kernels here")
+    torch.manual_seed(0)
+    x = torch.randn(200, 64) * torch.logspace(-6, 3, 200)[:, None]  # down to scales at fp16's floor
+    x[7] = 0.0
+    fmt, static = kv_format(case.split()[0]), (0.05 if case.endswith("static") else None)
+    codes, scales = quantize_tokens(x, fmt, static)
+    like = torch.empty(0, dtype=codes.dtype)
+    ours, our_scales = module.kv_store_rows(x, like, static or 0.0)
+    assert torch.equal(ours.view(torch.uint8), codes.view(torch.uint8))
+    assert (our_scales.numel() == 0) if static else torch.equal(our_scales, scales)
+
+
 def test_the_decoder_names_its_cache_and_says_the_compiled_step_does_not_take_it_yet(llama):
     decoder = _decoder(llama, "int4", max_len=64)
     assert decoder.kernels()["KV cache"] == "int4 (keys per channel over 64 positions, values per position)"

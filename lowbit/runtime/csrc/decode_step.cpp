@@ -11,7 +11,9 @@
 // post is the identity, or an RMSNorm where the family normalises block outputs (Gemma); act is SiLU or GELU-tanh.
 // A projection is lowbit's packed kernel (qgemv.cpp, float32 in and out), a dense GEMV in the weight's
 // dtype, or a Python callable for anything else, so no layer keeps the whole step from running here.
-// The KV cache is float32 or bfloat16 (the compute dtype); attention accumulates in float32.
+// The KV cache holds float32 or bfloat16 rows, or int8 / FP8 E4M3 codes with a float16 scale per position and
+// head (or, FP8, one static scale per layer), stored exactly as lowbit.schemes.kv_cache.quantize_tokens computes
+// them; attention reads the codes directly (no dequantized copy) and accumulates in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -166,6 +168,8 @@ void rms_norm(const float* x, const float* w, int64_t n, double eps, float* out)
 }
 
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+inline float to_float(at::Float8_e4m3fn v) { return static_cast<float>(v); }
 inline float to_float(at::BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.x) << 16;  // a shift: keeps the loops below vectorisable
   float f;
@@ -175,12 +179,24 @@ inline float to_float(at::BFloat16 v) {
 
 // Attention's row operations on a float32 or bfloat16 cache row of d values: q·k and o += w·v.
 // Vectorised by hand (bfloat16 → float32 is a 16-bit shift), with a scalar tail.
+// E4M3 → float16 bits: sign to bit 15, exponent and mantissa shifted under float16's; the float16 value is then
+// the E4M3 value / 2⁸ (both biases differ by 8), subnormals included, so one multiply by 256 restores it.
+constexpr float kFp8FromHalf = 256.f;
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 inline __m512 load_row(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load_row(const at::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_row(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load_row(const at::Float8_e4m3fn* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(kFp8FromHalf));
 }
 #elif defined(__AVX2__)
 constexpr int64_t kLanes = 8;
@@ -189,7 +205,39 @@ inline __m256 load_row(const at::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline __m256 load_row(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load_row(const at::Float8_e4m3fn* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
+  return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(kFp8FromHalf));
+}
 #endif
+
+// One position's row of d values as the cache stores it: a cast, or int8 / E4M3 codes of x / s, with s the
+// float16 max|x| / Q (Q = 127 or 448; floored at float16's smallest normal) or the layer's static scale.
+constexpr float kScaleFloor = 6.103515625e-05f;  // 2^-14
+inline void store_row(const float* x, float* dst, at::Half*, float, int64_t d) { std::copy(x, x + d, dst); }
+inline void store_row(const float* x, at::BFloat16* dst, at::Half*, float, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<at::BFloat16>(x[j]);
+}
+inline float code_scale(const float* x, at::Half* scale, float static_scale, int64_t d, float q_max) {
+  if (!scale) return static_scale;
+  float amax = 0.f;
+  for (int64_t j = 0; j < d; ++j) amax = std::max(amax, std::abs(x[j]));
+  *scale = static_cast<at::Half>(std::min(std::max(amax / q_max, kScaleFloor), 65504.f));
+  return static_cast<float>(*scale);
+}
+inline void store_row(const float* x, int8_t* dst, at::Half* scale, float static_scale, int64_t d) {
+  const float s = code_scale(x, scale, static_scale, d, 127.f);
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[j] / s))));
+}
+inline void store_row(const float* x, at::Float8_e4m3fn* dst, at::Half* scale, float static_scale, int64_t d) {
+  const float s = code_scale(x, scale, static_scale, d, 448.f);
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<at::Float8_e4m3fn>(std::min(448.f, std::max(-448.f, x[j] / s)));
+}
 
 template <typename T>
 inline float dot_row(const float* q, const T* k, int64_t d) {
@@ -255,6 +303,28 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
+// Codes [n, d] in `like`'s dtype and float16 scales [n] of float32 rows x [n, d] as the cache stores them
+// (static_scale > 0: that scale, and no scales returned): what tests compare with quantize_tokens.
+std::tuple<Tensor, Tensor> kv_store_rows(Tensor x, Tensor like, double static_scale) {
+  Tensor xf = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(xf.dim() == 2, "rows: [n, d]");
+  const int64_t n = xf.size(0), d = xf.size(1);
+  Tensor codes = at::empty({n, d}, like.options());
+  Tensor scales = at::empty({static_scale > 0 ? 0 : n}, at::TensorOptions().dtype(at::kHalf));
+  for (int64_t i = 0; i < n; ++i) {
+    at::Half* s = static_scale > 0 ? nullptr : scales.data_ptr<at::Half>() + i;
+    const float* row = xf.data_ptr<float>() + i * d;
+    switch (like.scalar_type()) {
+      case at::kChar: store_row(row, codes.data_ptr<int8_t>() + i * d, s, static_cast<float>(static_scale), d); break;
+      case at::kFloat8_e4m3fn:
+        store_row(row, codes.data_ptr<at::Float8_e4m3fn>() + i * d, s, static_cast<float>(static_scale), d);
+        break;
+      default: TORCH_CHECK(false, "kv_store_rows: int8 or float8_e4m3fn codes");
+    }
+  }
+  return {codes, scales};
+}
+
 }  // namespace
 
 class DecodeStep {
@@ -267,9 +337,9 @@ class DecodeStep {
         sin_(sin.to(at::kFloat).contiguous()), k_cache_(k_cache), v_cache_(v_cache), final_norm_(to_floats(final_norm)) {
     TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "unknown activation code");
     const auto t = k_cache.scalar_type();
-    TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat) && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                    v_cache.scalar_type() == t,
-                "KV cache: contiguous float32 or bfloat16");
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat || t == at::kChar || t == at::kFloat8_e4m3fn) &&
+                    k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == t,
+                "KV cache: contiguous float32, bfloat16, int8 or float8_e4m3fn");
     TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(2) == kv_heads && k_cache.size(4) == head_dim, "KV cache shape");
     max_len_ = k_cache.size(3);
     TORCH_CHECK(cos_.dim() == 3 && cos_.size(1) >= max_len_ && cos_.size(2) == head_dim && sin_.sizes() == cos_.sizes(),
@@ -303,11 +373,27 @@ class DecodeStep {
 
   void set_head(ProjectionPtr head) { head_ = head; }
 
+  // int8 / FP8 caches: float16 scales per position [L, 1, kv_heads, max_len], or float32 static ones [L].
+  void set_cache_scales(Tensor k_scale, Tensor v_scale) {
+    const int64_t layers = k_cache_.size(0);
+    if (k_scale.scalar_type() == at::kHalf) {
+      TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous() && v_scale.scalar_type() == at::kHalf &&
+                      k_scale.numel() == layers * kv_heads_ * max_len_ && v_scale.numel() == k_scale.numel(),
+                  "KV cache scales: contiguous float16 [L, 1, kv_heads, max_len]");
+      k_scale_ = k_scale, v_scale_ = v_scale;
+    } else {
+      TORCH_CHECK(k_scale.numel() == layers && v_scale.numel() == layers, "static KV cache scales: one per layer");
+      k_static_ = to_floats(k_scale), v_static_ = to_floats(v_scale);
+    }
+  }
+
   // Logits [1, V] (float32) for `token` at `position`; writes this position's keys and values.
   // `row` (float32 [D]) replaces the table lookup for embeddings this step does not hold.
   Tensor forward(int64_t token, int64_t position, c10::optional<Tensor> row) {
     TORCH_CHECK(position >= 0 && position < max_len_, "position beyond the KV cache");
     TORCH_CHECK(head_ && (embed_.defined() || embed_rows_ || row), "decode step not fully built");
+    const bool coded = k_cache_.scalar_type() == at::kChar || k_cache_.scalar_type() == at::kFloat8_e4m3fn;
+    TORCH_CHECK(!coded || k_scale_.defined() || !k_static_.empty(), "an int8 / FP8 KV cache needs its scales");
     const int64_t D = head_->in_features(), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
     std::vector<float> h(D), x(D), qkv(q_size + 2 * kv_size), attn(q_size);
     if (row) {
@@ -335,10 +421,7 @@ class DecodeStep {
         rope(k + g * d_, cos, sin, d_);
       }
       const int64_t first = blk.window ? std::max<int64_t>(0, position - blk.window + 1) : 0;
-      if (k_cache_.scalar_type() == at::kBFloat16)
-        store_and_attend<at::BFloat16>(i, position, first, q, k, v, attn.data());
-      else
-        store_and_attend<float>(i, position, first, q, k, v, attn.data());
+      store_and_attend(i, position, first, q, k, v, attn.data());
       add_projection(*blk.o, attn.data(), blk.post_attn, h.data());
       rms_norm(h.data(), blk.norm_mlp.data(), D, eps_, x.data());
       const int64_t I = blk.gate_up->out_features() / 2;
@@ -381,28 +464,45 @@ class DecodeStep {
     for (int64_t j = 0; j < p.out_features(); ++j) h[j] += out_[j];
   }
 
+  // Layer `layer`'s scales per position [kv_heads, max_len] (nullptr: none, or one static scale).
+  at::Half* scales(const Tensor& t, size_t layer) const {
+    return t.defined() ? t.data_ptr<at::Half>() + layer * kv_heads_ * max_len_ : nullptr;
+  }
+
+  void store_and_attend(size_t layer, int64_t position, int64_t first, const float* q, const float* k, const float* v,
+                        float* out) {
+    switch (k_cache_.scalar_type()) {
+      case at::kBFloat16: return store_and_attend<at::BFloat16>(layer, position, first, q, k, v, out);
+      case at::kChar: return store_and_attend<int8_t>(layer, position, first, q, k, v, out);
+      case at::kFloat8_e4m3fn: return store_and_attend<at::Float8_e4m3fn>(layer, position, first, q, k, v, out);
+      default: return store_and_attend<float>(layer, position, first, q, k, v, out);
+    }
+  }
+
   template <typename T>
   void store_and_attend(size_t layer, int64_t position, int64_t first, const float* q, const float* k, const float* v,
                         float* out) {
     T* kc = k_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
     T* vc = v_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
+    at::Half *ks = scales(k_scale_, layer), *vs = scales(v_scale_, layer);
+    const float kst = k_static_.empty() ? 1.f : k_static_[layer], vst = v_static_.empty() ? 1.f : v_static_[layer];
     for (int64_t g = 0; g < kv_heads_; ++g) {
-      T* kdst = kc + (g * max_len_ + position) * d_;
-      T* vdst = vc + (g * max_len_ + position) * d_;
-      for (int64_t j = 0; j < d_; ++j) {
-        kdst[j] = static_cast<T>(k[g * d_ + j]);
-        vdst[j] = static_cast<T>(v[g * d_ + j]);
-      }
+      const int64_t at_pos = g * max_len_ + position;
+      store_row(k + g * d_, kc + at_pos * d_, ks ? ks + at_pos : nullptr, kst, d_);
+      store_row(v + g * d_, vc + at_pos * d_, vs ? vs + at_pos : nullptr, vst, d_);
     }
-    attend(q, kc + first * d_, vc + first * d_, position + 1 - first, out);
+    attend(q, kc + first * d_, vc + first * d_, ks ? ks + first : nullptr, vs ? vs + first : nullptr, kst, vst,
+           position + 1 - first, out);
   }
 
   // a_h = softmax(q_h · K[0..T) / √d) V[0..T) for every head. Positions are split into one chunk per
   // thread (flash-decoding): each chunk keeps its own max m, sum l and unnormalised output o per head,
   // merged as a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c. The query heads that
   // share a key/value head are served by one pass over its rows.
+  // ks, vs: the scales per position of head 0 (head g's at + g · max_len), or nullptr and one scale kst, vst.
   template <typename T>
-  void attend(const float* q, const T* kc, const T* vc, int64_t T_len, float* out) const {
+  void attend(const float* q, const T* kc, const T* vc, const at::Half* ks, const at::Half* vs, float kst, float vst,
+              int64_t T_len, float* out) const {
     const int64_t d = d_, H = heads_, group = heads_ / kv_heads_, max_len = max_len_;
     const float scale = attn_scale_;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T_len / 64));
@@ -414,9 +514,12 @@ class DecodeStep {
         for (int64_t g = 0; g < kv_heads_; ++g) {
           const T* K = kc + g * max_len * d;
           const T* V = vc + g * max_len * d;
-          for (int64_t t = t0; t < t1; ++t)
-            for (int64_t r = 0; r < group; ++r)
-              s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * scale;
+          const at::Half* KS = ks ? ks + g * max_len : nullptr;
+          const at::Half* VS = vs ? vs + g * max_len : nullptr;
+          for (int64_t t = t0; t < t1; ++t) {
+            const float kt = (KS ? static_cast<float>(KS[t]) : kst) * scale;
+            for (int64_t r = 0; r < group; ++r) s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * kt;
+          }
           for (int64_t r = 0; r < group; ++r) {
             float* sr = s.data() + r * n;
             float mx = -INFINITY, sum = 0.f;
@@ -428,9 +531,11 @@ class DecodeStep {
             m[c * H + g * group + r] = mx;
             l[c * H + g * group + r] = sum;
           }
-          for (int64_t t = t0; t < t1; ++t)
+          for (int64_t t = t0; t < t1; ++t) {
+            const float vt = VS ? static_cast<float>(VS[t]) : vst;
             for (int64_t r = 0; r < group; ++r)
-              axpy_row(s[r * n + t - t0], V + t * d, o.data() + (c * H + g * group + r) * d, d);
+              axpy_row(s[r * n + t - t0] * vt, V + t * d, o.data() + (c * H + g * group + r) * d, d);
+          }
         }
       }
     });
@@ -452,7 +557,8 @@ class DecodeStep {
   double eps_;
   float attn_scale_, embed_scale_;
   int64_t activation_;
-  Tensor cos_, sin_, k_cache_, v_cache_;
+  Tensor cos_, sin_, k_cache_, v_cache_, k_scale_, v_scale_;
+  std::vector<float> k_static_, v_static_;  // empty: no static scales
   std::vector<float> final_norm_;
   std::vector<Block> blocks_;
   Tensor embed_;
@@ -472,6 +578,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("dequantize", &lowbit::dequantize, "the packed weight as a dense [N, K] tensor of the given dtype",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("kv_store_rows", &kv_store_rows, "(codes, float16 scales) of rows as the int8 / FP8 KV cache stores them",
+        pybind11::arg("x"), pybind11::arg("like"), pybind11::arg("static_scale") = 0.0);
   m.def("int8_pack", &lowbit::int8_pack, "int8 weights [N, K] in the panel layout of int8_gemm");
   m.def("int8_gemm", &lowbit::int8_gemm,
         "y [M, N] = x [M, K] Wᵀ with x quantized to int8 (per row, per call, or a static scale > 0) and int32 sums",
@@ -500,5 +608,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_embedding_table", &DecodeStep::set_embedding_table)
       .def("set_embedding_rows", &DecodeStep::set_embedding_rows)
       .def("set_head", &DecodeStep::set_head)
+      .def("set_cache_scales", &DecodeStep::set_cache_scales)
       .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
