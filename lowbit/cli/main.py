@@ -326,14 +326,27 @@ def bench(
     lm_head: LmHead = "int8",
     threads: Threads = None,
     kv_cache: KvCache = "bf16",
+    depth: Optional[str] = typer.Option(None, help="also decode after prompts of these depths, e.g. 512,2048,8192"
+                                        " (decode tok/s per context depth)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
-    """Inference speed and memory: load time, size, peak memory and its parts, prefill and decode tokens per second."""
+    """Inference speed and memory: load time, size, peak memory and its parts, prefill and decode tokens per second
+    (and per context depth with --depth), KV cache bytes per token."""
     from lowbit.cli.report import emit_json, print_table, speed_table
-    from lowbit.evaluation.speed import measure_speed
+    from lowbit.evaluation.speed import measure_depths, measure_speed
 
-    llm = _load_llm(model, quantization, prompt_tokens + decode_tokens, lm_head, threads, False, False, kv_cache)
+    try:
+        depths = sorted({int(d) for d in depth.split(",") if d.strip()}) if depth else []
+    except ValueError:
+        raise LowbitError(f"--depth takes comma-separated token counts, got {depth!r}") from None
+    if any(d < 1 for d in depths):
+        raise LowbitError(f"--depth takes positive token counts, got {depth!r}")
+    context = max([prompt_tokens, *depths]) + decode_tokens
+    llm = _load_llm(model, quantization, context, lm_head, threads, False, False, kv_cache)
     result = measure_speed(llm, prompt_tokens, decode_tokens, repeats).to_dict()
+    result["kv_cache_bytes_per_token"] = llm.kv_cache_bytes_per_token()
+    if depths:
+        result["depths"] = measure_depths(llm, depths, decode_tokens, repeats)
     if as_json:
         emit_json(result)
     else:

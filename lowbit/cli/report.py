@@ -99,7 +99,8 @@ def speed_table(r: dict) -> Table:
         ("load time", f"{r['load_time_s']:.1f} s"),
         ("size on disk", mb(r["size_bytes"])),
         ("resident weights", mb(r["resident_weights_bytes"])),
-        ("KV cache", mb(r["kv_cache_bytes"])),
+        ("KV cache", mb(r["kv_cache_bytes"]) + ("" if r.get("kv_cache_bytes_per_token") is None
+                                                else f" ({r['kv_cache_bytes_per_token']:,.0f} bytes per token)")),
         ("RSS after load (before)", f"{mb(r['rss_after_load_bytes'])} ({mb(r['rss_before_load_bytes'])})"),
         ("peak RSS: load, run", f"{gb(r['load_peak_rss_bytes'])}, {gb(r['run_peak_rss_bytes'])}"
          + ("" if r["run_peak_exact"] else " (the run's includes the load's: no peak reset here)")),
@@ -108,6 +109,8 @@ def speed_table(r: dict) -> Table:
         ("peak explained", ", ".join(f"{k.replace('_', ' ')} {mb(v)}" for k, v in r["memory_parts"].items())),
         (f"prefill {r['prompt_tokens']} tok/s, median (best)", f"{r['prefill_tok_s_median']:.0f} ({r['prefill_tok_s_max']:.0f})"),
         (f"decode {r['decode_tokens']} tok/s, median (best)", f"{r['decode_tok_s_median']:.1f} ({r['decode_tok_s_max']:.1f})"),
+        *((f"decode at depth {d['depth']} tok/s, median (best)",
+           f"{d['decode_tok_s_median']:.1f} ({d['decode_tok_s_max']:.1f})") for d in r.get("depths", [])),
         ("cpu", cpu_line(r["cpu"])),
         *((f"kernel: {kind}", kernel) for kind, kernel in r["kernels"].items()),
         *(("notice", line) for line in r["notices"]),

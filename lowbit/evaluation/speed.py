@@ -129,3 +129,25 @@ def measure_speed(llm, prompt_tokens: int = 512, decode_tokens: int = 256, repea
         notices=list(llm.notices),
     )
 
+
+
+def measure_depths(llm, depths: list[int], decode_tokens: int = 64, repeats: int = 3) -> list[dict]:
+    """Decode tokens/s after a random prompt of each depth (the context a step attends over): the prompt is
+    prefilled once per depth, then ``decode_tokens`` greedy steps are timed ``repeats`` times from that depth
+    (each repeat rewrites the same positions). Median and best per depth."""
+    decoder = llm.decoder
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for depth in depths:
+        llm.check_length(depth, decode_tokens)
+        prompt = torch.randint(0, llm.tokenizer.vocab_size, (1, depth), generator=generator)
+        first = decoder(prompt, 0)[0, -1].argmax().view(1, 1)
+        speeds = []
+        for _ in range(repeats):
+            def run_decode(token=first):
+                for i in range(decode_tokens):
+                    token = decoder(token, depth + i)[0, -1].argmax().view(1, 1)
+
+            speeds.append(decode_tokens / _timed(run_decode))
+        rows.append({"depth": depth, "decode_tok_s_median": statistics.median(speeds), "decode_tok_s_max": max(speeds)})
+    return rows

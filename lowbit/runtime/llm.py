@@ -109,6 +109,14 @@ class LLM:
                          " runs the PyTorch loop, several times slower")
         return [line for line in lines if line]
 
+    def kv_cache_bytes_per_token(self) -> Optional[float]:
+        """What one more cached position costs (over every layer's K and V), or None for transformers' own cache."""
+        if not isinstance(self.decoder, LeanDecoder):
+            return None
+        d, cache = self.decoder, self.decoder.cache
+        return cache.fmt.bytes_per_token(len(d.blocks), d.kv_heads, d.head_dim, cache.static) * (
+            cache.k.element_size() / 2 if cache.fmt.name == "bf16" else 1)
+
     def cpu(self) -> dict:
         """What was detected about this CPU and chosen from it (``lowbit env``)."""
         return describe()

@@ -128,7 +128,17 @@ def test_bench_with_an_int8_kv_cache_counts_its_bytes_and_names_the_slower_decod
     # 2 layers, K and V, 2 KV heads, 40 positions: 24 int8 codes and a float16 scale each
     assert result["kv_cache_bytes"] == 2 * 2 * 2 * (32 + 8) * (24 + 2)
     assert result["kernels"]["KV cache"] == "int8 (dynamic scales)"
-    assert any("int8 KV cache is not in the compiled step" in line for line in result["notices"])
+    assert result["kv_cache_bytes_per_token"] == 2 * 2 * 2 * (24 + 2)
+
+
+def test_bench_decodes_at_each_depth_asked_and_refuses_a_bad_one(tiny_model_dir):
+    done = run("bench", tiny_model_dir, "--kv-cache", "int4", "--prompt-tokens", "16", "--decode-tokens", "4",
+               "--repeats", "1", "--depth", "200,70", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [d["depth"] for d in result["depths"]] == [70, 200] and all(d["decode_tok_s_median"] > 0 for d in result["depths"])
+    assert any("int4 KV cache is not in the compiled step" in line for line in result["notices"])
+    assert_clean_failure(run("bench", tiny_model_dir, "--depth", "2k"), "--depth")
 
 
 def test_an_unknown_kv_cache_is_refused_before_loading(tiny_model_dir):
