@@ -66,6 +66,11 @@ def alpha_counts(folder: Path) -> dict[str, int]:
     return dict(sorted(Counter("none" if v is None else f"{v:.1f}" for v in alphas.values()).items()))
 
 
+def bench(a, model: str) -> dict:
+    return run_json(lowbit("bench", model, "--prompt-tokens", a.prompt_tokens, "--decode-tokens", a.decode_tokens,
+                           "--json"))
+
+
 def measure(a, label: str, args: list | None) -> dict:
     model = a.model
     command, quant = None, None
@@ -76,8 +81,7 @@ def measure(a, label: str, args: list | None) -> dict:
         model = str(out)
     ev = run_json(lowbit("eval", model, "--ppl", a.ppl, "--max-tokens", a.max_tokens, "--tasks", "lambada",
                          "--limit", a.limit, "--json"))[0]
-    speed = run_json(lowbit("bench", model, "--prompt-tokens", a.prompt_tokens, "--decode-tokens", a.decode_tokens,
-                            "--json"))
+    speed = bench(a, model)
     row = {"label": label, "command": command, "eval": ev, "quantize": quant, "speed": speed}
     if args is not None and "--smoothquant" in args:
         row["alpha_counts"] = alpha_counts(Path(model))
@@ -97,6 +101,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--speed-only", action="store_true", help="for the --only rows already in OUT/activations.json,"
+                   " measure speed again (their checkpoints are kept) and nothing else")
     p.add_argument("--keep", action="store_true", help="keep the rows already in OUT/activations.json (those --only"
                    " names are measured again)")
     a = p.parse_args()
@@ -106,7 +112,10 @@ def main() -> None:
     wanted = set(a.only.split(",")) if a.only else None
     rows = []
     for label, args in ROWS:
-        if label in kept and (wanted is None or label not in wanted):
+        if label in kept and a.speed_only and wanted is not None and label in wanted:
+            model = a.model if kept[label]["command"] is None else str(a.out / label.replace(" ", "_"))
+            rows.append({**kept[label], "speed": bench(a, model)})
+        elif label in kept and (wanted is None or label not in wanted):
             rows.append(kept[label])
         elif wanted is None or label in wanted:
             rows.append(measure(a, label, args))
