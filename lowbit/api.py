@@ -29,8 +29,9 @@ from lowbit.models.loader import dtype_named, load_model, resolve
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.progress import progress_bar
+from lowbit.runtime.kv_cache import calibrated_scales
 from lowbit.schemes.args import QuantizationScheme, make_scheme
-from lowbit.schemes.kv_cache import kv_format
+from lowbit.schemes.kv_cache import calibrated_scheme, kv_format
 
 
 @dataclass
@@ -73,7 +74,7 @@ class EvalResult:
     peak_rss_bytes: int
     recipe: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)  # name → TaskResult.to_dict()
-    kv_cache: Optional[str] = None  # the cache format K and V were read through (None: full precision)
+    kv_cache: Optional[str] = None  # the cache format K and V were read through ("fp8 static": calibrated scales; None: full precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +98,7 @@ def quantize(
     progress: bool = True,
     return_model: bool = False,
     smoothquant: Union[float, str, None] = None,
+    kv_cache: Optional[str] = None,
 ):
     """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint.
 
@@ -104,11 +106,13 @@ def quantize(
     calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
     (and the quantized model too with ``return_model=True``). ``calib`` is read only where data is needed
     (the method, ``smoothquant``: α or "auto", static activation scales). Activation schemes: ``lowbit.W8A8()``,
-    ``W8A8_STATIC()``, ``W4A8()``.
+    ``W8A8_STATIC()``, ``W4A8()``. ``kv_cache="fp8"``: calibrate the KV cache's static fp8 scales too (saved as
+    compressed-tensors' ``kv_cache_scheme`` with each attention's ``k_scale`` / ``v_scale``; the runtime and
+    ``evaluate`` then cache K and V in fp8 by default).
     """
     algorithm = get_method(method)
     recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head,
-                    smoothquant=smoothquant)
+                    smoothquant=smoothquant, kv_cache_scheme=None if kv_cache is None else calibrated_scheme(kv_cache))
     calib = calib if recipe.needs_data else None
     return _run(model, recipe, calib, nsamples, seqlen, seed, output_dir, overwrite, batch_size,
                 (allow_pickle, trust_remote_code), progress, return_model)
@@ -171,6 +175,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         "layers": [asdict(layer) for layer in report.layers],
         "smoothquant_alpha": report.smoothing or None,
         "static_input_clipping": report.input_clipping or None,
+        "kv_cache_scales": report.kv_cache_scales or None,
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
@@ -305,13 +310,16 @@ def evaluate(
     ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error) or lm-evaluation-harness
     tasks by name (``include_path``: a folder of task YAMLs; ``limit``: items per task), plus size,
     bits/weight, peak memory and time. ``kv_cache``: read K and V as that runtime cache format stores them
-    (bf16, int8, fp8, int4; :mod:`lowbit.evaluation.kv_attention`)."""
+    (bf16, int8, fp8, int4; :mod:`lowbit.evaluation.kv_attention`); by default a checkpoint's calibrated fp8
+    cache (as the runtime runs it), else full precision."""
     plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit, kv_cache)
     text = plan.text
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, dtype_named(dtype), allow_pickle, trust_remote_code)
     load_time = time.perf_counter() - start
     path = source.path
+    static = calibrated_scales(hf_model) is not None
+    kv_cache = kv_cache or ("fp8" if static else None)  # what the runtime caches this checkpoint in by default
     if kv_cache is not None:
         use_kv_cache_format(hf_model, kv_cache)
     result = None
@@ -341,5 +349,5 @@ def evaluate(
         peak_rss_bytes=peak_rss_bytes(),
         recipe=read_record(path) if path is not None and path.is_dir() else {},
         tasks=scores,
-        kv_cache=kv_cache,
+        kv_cache=None if kv_cache is None else kv_cache + (" static" if static and kv_cache == "fp8" else ""),
     )

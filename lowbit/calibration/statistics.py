@@ -4,6 +4,8 @@
     h_ℓj = 1/n Σ x_j²                 its diagonal / 2, the activations' second moments (mixed precision)
     F_ij = 1/S Σ_s (∂L_s/∂W_ij)²      the empirical Fisher of the loss over sequences s (mixed precision)
 
+    max |K|, max |V|                    over the keys and values an attention caches (static KV cache scales)
+
 plus the inputs themselves (the hidden states and keyword arguments entering each decoder block,
 AWQ's samples of a module's inputs). Shapes: x [.., in]; H [in, in]; h [in]; F like W [out, in].
 """
@@ -36,6 +38,43 @@ def observe_inputs(modules: Mapping[str, nn.Module], observe: Callable[[str, tup
     finally:
         for h in handles:
             h.remove()
+
+
+KV_OBSERVER = "lowbit_observe_kv"
+
+
+@contextmanager
+def observe_kv(attention: nn.Module, observe: Callable[[torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """While inside, each forward of ``attention`` (a transformers attention module) calls ``observe(k, v)`` with the
+    keys and values [B, kv_heads, T, d] it hands to its attention function: after k_norm and RoPE, what a KV cache
+    stores. The attention itself runs transformers' SDPA (on the mask the caller already built)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def forward(module, query, key, value, *args, **kwargs):
+        if module is attention:
+            observe(key.detach(), value.detach())
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    config = attention.config
+    original = config._attn_implementation
+    AttentionInterface.register(KV_OBSERVER, forward)
+    config._attn_implementation = KV_OBSERVER
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+class AbsMax:
+    """max |K| and max |V| over everything observed (``observe_kv``'s callback)."""
+
+    def __init__(self):
+        self.k = self.v = torch.zeros(())
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k = torch.maximum(self.k, k.abs().amax().float())
+        self.v = torch.maximum(self.v, v.abs().amax().float())
 
 
 def first_input(args: tuple, kwargs: dict) -> torch.Tensor:

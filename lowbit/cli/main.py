@@ -40,8 +40,9 @@ Quantization = Annotated[
 MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
 LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or dense (the compute dtype)")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: all)")]
-KvCache = Annotated[str, typer.Option("--kv-cache", help="how keys and values are cached: bf16, int8 (per position),"
-                                                       " fp8 (E4M3 per position) or int4 (KIVI)")]
+KvCache = Annotated[Optional[str], typer.Option(
+    "--kv-cache", help="how keys and values are cached: bf16, int8 (per position), fp8 (E4M3; the checkpoint's"
+    " calibrated scales, else per position) or int4 (KIVI); default: the checkpoint's calibrated fp8 cache, else bf16")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="accept pickle (.bin) checkpoints")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="run model code from the hub")]
 
@@ -86,6 +87,9 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
+    kv_cache: Optional[str] = typer.Option(
+        None, "--kv-cache", help="fp8: calibrate the KV cache's static fp8 scales (k_scale, v_scale) and save them"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Quantize a model's weights (and with an activation --scheme such as W8A8 or FP8_DYNAMIC its linears'
@@ -110,6 +114,7 @@ def quantize(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         smoothquant=_alpha(smoothquant),
+        kv_cache=kv_cache,
     ).to_dict()
     if as_json:
         emit_json(result)
@@ -203,7 +208,7 @@ def evaluate(
     include_path: Optional[str] = typer.Option(None, help="folder of lm-evaluation-harness task YAMLs (local data)"),
     limit: Optional[int] = typer.Option(None, help="items per task (default: each task's documented size)"),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", help="read keys and values as the runtime's cache"
-                                           " stores them: bf16, int8, fp8 or int4 (default: full precision)"),
+                                           " stores them: bf16, int8, fp8 or int4 (default: the checkpoint's calibrated fp8 cache, else full precision)"),
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
     as_json: bool = typer.Option(False, "--json", help="print results as JSON"),
@@ -246,7 +251,7 @@ def evaluate(
         raise typer.Exit(failed)
 
 
-def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache="bf16"):
+def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache=None):
     from lowbit.runtime.llm import LLM
 
     _quiet_transformers()
@@ -277,7 +282,7 @@ def chat(
     max_model_len: MaxModelLen = 2048,
     lm_head: LmHead = "int8",
     threads: Threads = None,
-    kv_cache: KvCache = "bf16",
+    kv_cache: KvCache = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -301,7 +306,7 @@ def serve(
     max_model_len: MaxModelLen = 2048,
     lm_head: LmHead = "int8",
     threads: Threads = None,
-    kv_cache: KvCache = "bf16",
+    kv_cache: KvCache = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
@@ -325,7 +330,7 @@ def bench(
     repeats: int = typer.Option(3, help="repetitions (median and best are reported)"),
     lm_head: LmHead = "int8",
     threads: Threads = None,
-    kv_cache: KvCache = "bf16",
+    kv_cache: KvCache = None,
     depth: Optional[str] = typer.Option(None, help="also decode after prompts of these depths, e.g. 512,2048,8192"
                                         " (decode tok/s per context depth)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),

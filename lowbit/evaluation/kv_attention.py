@@ -2,7 +2,8 @@
 (:mod:`lowbit.schemes.kv_cache`), so that perplexity and task accuracy measure the cache the runtime runs.
 
 A registered attention function (transformers' ``AttentionInterface``) replaces K and V by what the cache
-reconstructs: bf16-rounded, int8 / fp8 per position and head, or int4 KIVI, where a query at position t reads
+reconstructs: bf16-rounded, int8 / fp8 per position and head (fp8 with the attention's calibrated static
+``k_scale`` / ``v_scale`` where the checkpoint has them, as the runtime uses them), or int4 KIVI, where a query at position t reads
 the whole groups of G positions stored by then quantized and the rest in bf16. Each row's positions come from
 ``position_ids`` (0 … S − 1 without them), so windows and rows packed with several requests are grouped as the
 runtime would group each sequence; columns no query sees (padding) join no group.
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from lowbit.errors import LowbitError
 from lowbit.schemes.kv_cache import (
+    SCALE_NAMES,
     asymmetric_codes,
     asymmetric_params,
     dequantize_asymmetric,
@@ -59,6 +61,9 @@ def kv_cache_attention(module: nn.Module, query, key, value, attention_mask, dro
     key, value = key.float(), value.float()
     if fmt.name == "bf16":
         key, value = _bf16(key), _bf16(value)
+    elif fmt.name == "fp8" and getattr(module, SCALE_NAMES[0], None) is not None:  # the checkpoint's static scales
+        key, value = (dequantize_tokens(*quantize_tokens(x, fmt, float(s)), float(s))
+                      for x, s in ((key, module.k_scale), (value, module.v_scale)))
     elif fmt.per_token:
         key, value = (dequantize_tokens(*quantize_tokens(x, fmt)) for x in (key, value))
     else:

@@ -7,7 +7,8 @@ On disk (per quantized Linear ``name``):
 for asymmetric grids
 ``name.weight_zero_point`` (packed along dim 0 when pack-quantized; HQQ's fitted zero points are
 floats, stored unpacked with ``zp_dtype`` in the config group); ``name.weight_shape``.
-config.json carries ``quantization_config`` with one config group per distinct scheme.
+config.json carries ``quantization_config`` with one config group per distinct scheme. A calibrated KV cache
+is ``kv_cache_scheme`` (fp8 per-tensor static) with each attention module's ``k_scale`` and ``v_scale`` [1].
 
 lowbit extension: NF4 and FP4 code-book layers (``type`` "nf" / "float") are stored exactly like
 4-bit pack-quantized ones (the packed value is the code, see :mod:`lowbit.schemes.codebooks`) in a
@@ -34,6 +35,7 @@ from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 QUANTIZED = (QuantLinear, QuantEmbedding)
 from lowbit.schemes.activations import check_activation_args
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.kv_cache import FP8_STATIC, SCALE_NAMES, format_of_scheme
 
 WEIGHTS_FILE = "model.safetensors"
 RECORD_FILE = "lowbit_recipe.json"
@@ -155,9 +157,31 @@ def quantization_config(model: nn.Module) -> dict:
         "quantization_status": "compressed",
         "config_groups": config_groups({**layers, **tied}),
         "ignore": ignore,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _input_args_dict(FP8_STATIC) if _has_kv_scales(model) else None,
         "global_compression_ratio": None,
     }
+
+
+def _has_kv_scales(model: nn.Module) -> bool:
+    return any(getattr(m, SCALE_NAMES[0], None) is not None for m in model.modules())
+
+
+def _attach_kv_scales(model: nn.Module, qc: dict, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Give each attention module named by a ``k_scale`` / ``v_scale`` tensor its buffers (filled by the load), as
+    the ``kv_cache_scheme`` says; a scheme lowbit does not run, or one without its scales, is refused."""
+    if qc.get("kv_cache_scheme") is None:
+        return
+    format_of_scheme(_args_from_dict(qc["kv_cache_scheme"]))
+    owners = {name.rsplit(".", 1)[0] for name in tensors if name.rsplit(".", 1)[-1] in SCALE_NAMES}
+    if not owners:
+        raise LowbitError(f"{folder} has a kv_cache_scheme but no k_scale / v_scale tensors")
+    for owner in owners:
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            raise LowbitError(f"{folder} holds KV cache scales for {owner}, which the model does not have") from None
+        for name in SCALE_NAMES:
+            module.register_buffer(name, torch.empty(1, device="meta"))
 
 
 def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -257,6 +281,7 @@ def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     ignore = set(qc.get("ignore") or [])
     groups = [(g["targets"], _args_from_dict(g["weights"]), _input_args_from(g)) for g in qc["config_groups"].values()]
     tensors = _read_tensors(folder)
+    _attach_kv_scales(model, qc, tensors, folder)
     state: dict[str, torch.Tensor] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)) or name in ignore:
@@ -290,7 +315,8 @@ def quantized_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
                 zp, args.num_bits, state[f"{name}.weight_scale"].shape, dim=0
             )
         replace_module(model, name, layer)
-    state.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    state.update({k: v.to(dtype) if v.is_floating_point() and k.rsplit(".", 1)[-1] not in SCALE_NAMES else v
+                  for k, v in tensors.items()})
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise LowbitError(f"{folder} holds tensors the model does not have: {result.unexpected_keys[:3]}")

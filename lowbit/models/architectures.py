@@ -71,6 +71,11 @@ class BlockLayout:
     q_norm: Optional[str] = None
     k_norm: Optional[str] = None
 
+    @property
+    def attention(self) -> str:
+        """The attention module (where a KV cache's ``k_scale`` / ``v_scale`` live)."""
+        return self.q.rpartition(".")[0]
+
 
 QK_NORMS = dict(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm")
 GEMMA3_LAYOUT = BlockLayout(mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",

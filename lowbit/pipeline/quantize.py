@@ -4,7 +4,9 @@
     2. with ``ratio`` < 1, rank them by sensitivity and keep the most sensitive at the backup precision;
     3. block by block (sequential calibration): the method's transform (AWQ), the inputs' Hessians
        (GPTQ), then each Linear rounded and swapped for a :class:`QuantLinear`;
-    4. the embedding table and heads.
+    4. the embedding table and heads;
+    5. with a ``kv_cache_scheme``: each quantized block's keys and values on the calibration text give its
+       attention's static cache scales ``k_scale`` / ``v_scale`` (buffers, saved as compressed-tensors names them).
 
 Block i is calibrated on the outputs of blocks 0..i−1 *after* they were quantized, so later blocks
 learn to absorb earlier error, and peak memory is the model plus one set of block activations
@@ -13,6 +15,7 @@ learn to absorb earlier error, and peak memory is the model plus one set of bloc
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -24,14 +27,17 @@ from lowbit.algorithms.mixed_precision import LayerSensitivity, choose_primary, 
 from lowbit.algorithms.smoothquant import smoothquant_transform_block
 from lowbit.calibration.sampling import self_generated_windows
 from lowbit.calibration.statistics import (
+    AbsMax,
     HessianAccumulator,
     activation_second_moments,
     capture_block_inputs,
     collect_hessians,
     empirical_fisher,
     input_ranges,
+    observe_kv,
     run_block,
 )
+from lowbit.errors import LowbitError
 from lowbit.models.architectures import architecture_of, decoder_blocks
 from lowbit.models.loader import check_finite
 from lowbit.pipeline.recipe import Recipe, compress_recipe
@@ -39,6 +45,7 @@ from lowbit.pipeline.targets import Targets, select_targets
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.activations import static_scale
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.kv_cache import SCALE_NAMES, calibrated_scale
 from lowbit.schemes.grid import QuantizedWeight, group_size_fallback, resolve_group_size
 
 
@@ -61,6 +68,7 @@ class QuantizationReport:
     self_generated: bool = False  # the Fisher ranking ran on sequences the model sampled itself
     smoothing: dict[str, Optional[float]] = field(default_factory=dict)  # SmoothQuant's α per smoothed op (None: s = 1)
     input_clipping: dict[str, float] = field(default_factory=dict)  # static input range = r · max|x|: r per Linear
+    kv_cache_scales: dict[str, tuple[float, float]] = field(default_factory=dict)  # (k_scale, v_scale) per attention
 
     @property
     def fallbacks(self) -> list[LayerReport]:
@@ -164,6 +172,9 @@ def quantize_model(
 ) -> QuantizationReport:
     """Apply ``recipe`` to ``model`` in place; ``calibration``: token windows [n, seqlen] (None: no data)."""
     recipe = recipe.checked(has_data=calibration is not None)
+    if recipe.kv_cache_scheme is not None and architecture_of(model).lean is None:
+        raise LowbitError(f"a quantized KV cache runs on lowbit's lean decoder, which does not take"
+                          f" {model.config.model_type}; drop --kv-cache")
     targets = select_targets(model, recipe.ignore, recipe.embeddings, recipe.include_lm_head)
     report = QuantizationReport(recipe)
     rounder = _Rounder(model, recipe, report)
@@ -204,11 +215,23 @@ def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder,
             rng = ranges.get(name)
             rounder.linear(name, linear, hessians.get(name), in_block=True,
                            input_scale=None if rng is None else static_scale(rng[0], acts))
-        if calls is not None and (i + 1 < len(blocks) or targets.lm_head is not None):
-            inputs = run_block(block, calls)
+        kv = recipe.kv_cache_scheme is not None
+        if calls is not None and (i + 1 < len(blocks) or targets.lm_head is not None or kv):
+            amax, attention = AbsMax(), block.get_submodule(arch.lean.attention) if kv else None
+            with observe_kv(attention, amax) if kv else nullcontext():
+                inputs = run_block(block, calls)
+            if kv:
+                report.kv_cache_scales[f"{blocks_path}.{i}.{arch.lean.attention}"] = _set_kv_scales(attention, amax)
         if on_step:
             on_step(i + 1, len(blocks))
     return inputs
+
+
+def _set_kv_scales(attention: nn.Module, amax: AbsMax) -> tuple[float, float]:
+    """Attach the static fp8 cache scales max |K| / 448, max |V| / 448 to the attention module."""
+    for name, m in zip(SCALE_NAMES, (amax.k, amax.v)):
+        attention.register_buffer(name, calibrated_scale(m))
+    return float(attention.k_scale), float(attention.v_scale)
 
 
 def _quantize_lm_head(model: nn.Module, name: str, rounder: _Rounder, last_outputs) -> None:

@@ -14,6 +14,7 @@ from lowbit.algorithms.mixed_precision import SENSITIVITY_METRICS
 from lowbit.errors import LowbitError
 from lowbit.schemes.activations import check_activation_args
 from lowbit.schemes.args import QuantizationArgs, QuantizationScheme, mode_scheme
+from lowbit.schemes.kv_cache import format_of_scheme
 
 # the precision of layers kept out of the primary scheme (too sensitive, or embeddings), as in NNCF
 BACKUP = QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None, observer="minmax")
@@ -32,8 +33,9 @@ class Recipe:
     embedding stays full precision). ``ignore``: module names or ``re:`` patterns left alone.
     ``scheme.input_activations``: the decoder linears' inputs quantized too (not the head's);
     ``smoothquant``: α (0–1) or "auto" (tuned per smoothing) of SmoothQuant before the rounding, for
-    activation schemes, from calibration text. ``kv_cache_scheme`` (compressed-tensors' name) is where
-    a quantized KV cache attaches: not implemented yet, so refused.
+    activation schemes, from calibration text. ``kv_cache_scheme`` (compressed-tensors' name): the KV cache's
+    calibrated scheme (fp8 per-tensor static, :data:`lowbit.schemes.kv_cache.FP8_STATIC`), scales from the
+    calibration text.
     ``preset``: the compress mode the scheme came from, for the record.
     """
 
@@ -51,9 +53,10 @@ class Recipe:
 
     @property
     def needs_data(self) -> bool:
-        """Calibration text is read: by the method, SmoothQuant, or static activation scales."""
+        """Calibration text is read: by the method, SmoothQuant, static activation or KV cache scales."""
         acts = self.scheme.input_activations
-        return self.method.needs_calibration or self.smoothquant is not None or (acts is not None and not acts.dynamic)
+        return (self.method.needs_calibration or self.smoothquant is not None or (acts is not None and not acts.dynamic)
+                or self.kv_cache_scheme is not None)
 
     def checked(self, has_data: bool) -> "Recipe":
         """This recipe with its defaults filled in (act-order dropped where the method has no column
@@ -76,7 +79,9 @@ class Recipe:
             if not has_data:
                 raise LowbitError("SmoothQuant measures activations: pass --calib")
         if self.kv_cache_scheme is not None:
-            raise LowbitError("KV-cache quantization (kv_cache_scheme) is not implemented yet")
+            format_of_scheme(self.kv_cache_scheme)
+            if not has_data:
+                raise LowbitError("the KV cache's static scales are calibrated: pass --calib")
         if self.embeddings not in EXTRA_LAYERS:
             raise LowbitError(f"embeddings must be one of {EXTRA_LAYERS}, got {self.embeddings!r}")
         if not 0.0 <= self.ratio <= 1.0:
@@ -115,7 +120,7 @@ class Recipe:
             "input_activations": None if self.scheme.input_activations is None
             else self.scheme.input_activations.to_dict(),
             "smoothquant": self.smoothquant,
-            "kv_cache_scheme": None,
+            "kv_cache_scheme": None if self.kv_cache_scheme is None else self.kv_cache_scheme.to_dict(),
             "ratio": self.ratio,
             "backup": self.backup.describe() if self.ratio < 1.0 or self.embeddings else None,
             "sensitivity_metric": self.sensitivity_metric,

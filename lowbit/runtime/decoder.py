@@ -239,7 +239,7 @@ class LeanDecoder(nn.Module):
                                  else f"PyTorch loop ({self.step_unavailable})")
         fmt = self.cache.fmt.name
         report["KV cache"] = str(self.k_cache.dtype).removeprefix("torch.") if fmt == "bf16" else (
-            f"{fmt} ({'static' if self.cache.static else 'dynamic'} scales)" if self.cache.fmt.per_token
+            f"{fmt} ({'calibrated static' if self.cache.static else 'dynamic'} scales)" if self.cache.fmt.per_token
             else f"{fmt} (keys per channel over {self.cache.fmt.group} positions, values per position)")
         return report
 

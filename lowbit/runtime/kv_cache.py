@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from lowbit.models.architectures import ARCHITECTURES
 from lowbit.schemes.kv_cache import (
+    SCALE_NAMES,
     KVCacheFormat,
     dequantize_asymmetric,
     dequantize_tokens,
@@ -32,6 +34,19 @@ from lowbit.schemes.kv_cache import (
     quantize_tokens,
     unpack_nibbles,
 )
+
+
+def calibrated_scales(hf_model: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A checkpoint's static fp8 cache scales (k_scale [L], v_scale [L]) from each block's attention module (where
+    ``lowbit quantize --kv-cache fp8`` and compressed-tensors put them), or None when it has none."""
+    arch = ARCHITECTURES.get(getattr(hf_model.config, "model_type", None))
+    if arch is None or arch.lean is None:
+        return None
+    attentions = [layer.get_submodule(arch.lean.attention) for layer in hf_model.get_submodule(arch.blocks)]
+    if getattr(attentions[0], SCALE_NAMES[0], None) is None:
+        return None
+    k, v = (torch.cat([getattr(a, name).detach().float().reshape(1) for a in attentions]) for name in SCALE_NAMES)
+    return k, v
 
 
 @dataclass

@@ -17,6 +17,7 @@ from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
 from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import fallback_notice
+from lowbit.runtime.kv_cache import calibrated_scales
 from lowbit.runtime.onthefly import ON_THE_FLY, quantizer_for
 from lowbit.runtime.sampling import SamplingParams, sample
 from lowbit.schemes.kv_cache import kv_format
@@ -43,7 +44,8 @@ class LLM:
     each call's input in FP8 with its own scale), run upcast on CPU (accuracy, not speed). ``lm_head="int8"`` (default) runs the output projection in per-channel
     int8 (a quarter of the bytes of bf16, perplexity unchanged within noise); "dense" keeps it in
     the compute dtype. ``kv_cache``: how keys and values are cached (bf16, int8, fp8, int4: see
-    :mod:`lowbit.schemes.kv_cache`). Llama-style families run on lowbit's lean decoder; others on transformers'
+    :mod:`lowbit.schemes.kv_cache`); None: the checkpoint's calibrated fp8 cache (its ``kv_cache_scheme``), else
+    bf16; "fp8" on such a checkpoint uses its static scales, and any other format overrides them. Llama-style families run on lowbit's lean decoder; others on transformers'
     forward. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
     """
 
@@ -56,9 +58,10 @@ class LLM:
         threads: Optional[int] = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
-        kv_cache: str = "bf16",
+        kv_cache: Optional[str] = None,
     ):
-        kv_format(kv_cache)  # an unknown cache format is refused before the model loads
+        if kv_cache is not None:
+            kv_format(kv_cache)  # an unknown cache format is refused before the model loads
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
         if lm_head not in ("int8", "dense", "bf16"):
@@ -78,11 +81,16 @@ class LLM:
         self.quantization = quantization or ("checkpoint" if self.source.quantized else None)
         body = quantizer_for(quantization) if quantization else None
         head = quantizer_for("int8") if lm_head == "int8" else None
+        scales = calibrated_scales(hf_model)
+        self.kv_cache = kv_cache or ("fp8" if scales is not None else "bf16")
+        self._kv_override = scales is not None and self.kv_cache != "fp8"
+        scales = scales if self.kv_cache == "fp8" else None
         with lean_loading():
             if LeanDecoder.supports(hf_model):
-                self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True, kv_cache=kv_cache)
-            elif kv_cache != "bf16":
-                raise LowbitError(f"a {kv_cache} KV cache needs lowbit's lean decoder, which does not take"
+                self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True,
+                                           kv_cache=self.kv_cache, kv_scales=scales)
+            elif self.kv_cache != "bf16":
+                raise LowbitError(f"a {self.kv_cache} KV cache needs lowbit's lean decoder, which does not take"
                                   f" {hf_model.config.model_type}; drop --kv-cache")
             else:
                 self.decoder = HFDecoder(hf_model, self.max_model_len, body)
@@ -107,6 +115,8 @@ class LLM:
         if getattr(self.decoder, "step_unavailable", None):
             lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
                          " runs the PyTorch loop, several times slower")
+        if self._kv_override:
+            lines.append(f"lowbit: the checkpoint's calibrated fp8 KV cache is not used: --kv-cache {self.kv_cache} given")
         return [line for line in lines if line]
 
     def kv_cache_bytes_per_token(self) -> Optional[float]:

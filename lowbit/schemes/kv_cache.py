@@ -13,6 +13,10 @@ evaluation share. x is one head's key or value vector [d] at one position; shape
            bf16 (KIVI's full-precision residual), so a query at position t reads position j quantized
            exactly when j < G·⌊(t + 1) / G⌋ (:func:`quantized_end`).
 
+A calibrated fp8 cache is compressed-tensors' ``kv_cache_scheme`` (:data:`FP8_STATIC`: float, 8 bits,
+per-tensor, static), with each attention module's ``k_scale`` and ``v_scale`` = max |K| / 448 and max |V| / 448
+over the calibration text: the tensors vLLM reads for ``kv_cache_dtype="fp8"``.
+
 Scales are float16, floored at fp16's smallest normal (2⁻¹⁴) so that they never underflow; the codes are
 computed from the rounded scale, so x̂ is exactly what a reader reconstructs. int4 codes are packed two
 per byte along d: byte i = c[2i] | c[2i + 1] << 4.
@@ -27,6 +31,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.schemes.activations import FP8_MAX, INT8_MAX
+from lowbit.schemes.args import QuantizationArgs
 
 SCALE_FLOOR = 2.0**-14  # fp16's smallest normal
 INT4_LEVELS = 15
@@ -71,6 +76,35 @@ def kv_format(name: str) -> KVCacheFormat:
     if name not in FORMATS:
         raise LowbitError(f"unknown KV cache format {name!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[name]
+
+
+# compressed-tensors' kv_cache_scheme of a calibrated FP8 cache, and the per-attention tensor names it comes with
+FP8_STATIC = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", group_size=None,
+                              dynamic=False, observer="minmax")
+SCALE_NAMES = ("k_scale", "v_scale")
+
+
+def calibrated_scheme(name: str) -> QuantizationArgs:
+    """The ``kv_cache_scheme`` that ``lowbit quantize --kv-cache name`` calibrates and saves: fp8 only (int8 and
+    int4 scales are set per position as the cache is written; there is nothing to calibrate)."""
+    kv_format(name)
+    if name != "fp8":
+        raise LowbitError(f"quantize calibrates the fp8 KV cache's static scales only; the {name} cache's scales are"
+                          f" set as it is written: pass --kv-cache {name} to chat, serve, bench or eval instead")
+    return FP8_STATIC
+
+
+def format_of_scheme(args: QuantizationArgs) -> str:
+    """The runtime cache format a checkpoint's ``kv_cache_scheme`` describes, or a one-line :class:`LowbitError`."""
+    if args.is_fp8 and args.strategy == "tensor" and not args.dynamic:
+        return "fp8"
+    raise LowbitError(f"kv_cache_scheme {args.describe()} is not one lowbit runs; it runs fp8 per-tensor static"
+                      " (or pass --kv-cache to choose a cache format at load time)")
+
+
+def calibrated_scale(amax: torch.Tensor) -> torch.Tensor:
+    """A static fp8 cache scale [1] float32: max |x| / 448 (floored, so an all-zero calibration stays finite)."""
+    return (amax.float().reshape(1) / FP8_MAX).clamp_min(SCALE_FLOOR)
 
 
 def _fp16_scale(x: torch.Tensor) -> torch.Tensor:

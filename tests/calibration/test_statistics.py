@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lowbit.calibration.statistics import (
+    AbsMax,
     HessianAccumulator,
     activation_second_moments,
     capture_block_inputs,
@@ -12,6 +13,7 @@ from lowbit.calibration.statistics import (
     empirical_fisher,
     input_ranges,
     observe_inputs,
+    observe_kv,
     run_block,
 )
 from lowbit.models.architectures import decoder_blocks
@@ -160,3 +162,19 @@ def test_static_ranges_clip_an_outlier_token_where_that_lowers_the_output_error(
 
     fp8 = input_ranges(block, linears, [(x, {"y": y})], FP8().input_activations, stride=1)
     assert fp8["a"] == (amax, 1.0)  # FP8's error is relative: its range is max|x|
+
+
+def test_observed_keys_and_values_are_what_the_model_caches(tiny_tokenizer):
+    """After RoPE, before the GQA repeat: max |K| and max |V| equal those of transformers' own cache."""
+    model = make_model(len(tiny_tokenizer))
+    block, calls, batches = _block_calls(tiny_tokenizer, model)
+    implementation = model.config._attn_implementation
+    amax = AbsMax()
+    with observe_kv(block.self_attn, amax):
+        outputs = run_block(block, calls)
+    assert model.config._attn_implementation == implementation
+    with torch.no_grad():
+        cache = model(torch.cat(batches), use_cache=True).past_key_values.layers[0]
+    assert float(amax.k) == pytest.approx(float(cache.keys.abs().max()), rel=1e-6)
+    assert float(amax.v) == pytest.approx(float(cache.values.abs().max()), rel=1e-6)
+    torch.testing.assert_close(torch.cat(outputs), torch.cat(run_block(block, calls)), rtol=1e-5, atol=1e-6)

@@ -281,6 +281,8 @@ def test_quantize_fp8_dynamic_needs_no_data_and_bench_says_fp8_is_for_accuracy(t
     (("--scheme", "W8A8", "--bits", "4"), "drop --bits"),
     (("--scheme", "W5A5"), "unknown scheme"),
     (("--bits", "4", "--smoothquant", "0.5"), "choose an activation scheme"),
+    (("--kv-cache", "int8"), "pass --kv-cache int8 to chat, serve, bench or eval instead"),
+    (("--kv-cache", "q8_0"), "unknown KV cache format 'q8_0'"),
 ])
 def test_activation_options_misused_fail_in_one_line(tiny_model_dir, tmp_path, args, message):
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", *args), message)

@@ -25,6 +25,29 @@ def test_gptq_g128_on_smollm2_reports_the_fallback_and_evaluates(tmp_path):
     assert result["recipe"]["method"] == "gptq"
 
 
+def test_a_calibrated_fp8_kv_cache_is_saved_benched_and_evaluated_by_default(tmp_path):
+    """The checkpoint's fp8 cache is what bench and eval run unless told otherwise; its static scales (the max over
+    calibration text) cost little perplexity against the bf16 cache."""
+    out = tmp_path / "smol-w4-kv8"
+    done = run("quantize", "smollm2-135m", "-o", out, "--method", "rtn", "--bits", "4", "--group-size", "64",
+               "--kv-cache", "fp8", "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "128")
+    assert done.returncode == 0, done.stderr
+    scales = json.loads((out / "lowbit_recipe.json").read_text())["kv_cache_scales"]
+    assert len(scales) == 30 and all(k > 0 and v > 0 for k, v in scales.values())
+    bench = run("bench", out, "--prompt-tokens", "64", "--decode-tokens", "8", "--repeats", "1", "--json")
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(bench.stdout)
+    assert result["kernels"]["KV cache"] == "fp8 (calibrated static scales)"
+    assert result["kernels"]["decode step"].startswith("compiled")
+    assert result["kv_cache_bytes_per_token"] == 30 * 3 * 2 * 64  # one byte per value, no per-position scales
+    evals = [run("eval", out, "--ppl", "austen", "--max-tokens", "1024", "--json", *extra)
+             for extra in ((), ("--kv-cache", "bf16"))]
+    assert all(e.returncode == 0 for e in evals), evals[0].stderr + evals[1].stderr
+    (fp8,), (bf16,) = (json.loads(e.stdout) for e in evals)
+    assert (fp8["kv_cache"], bf16["kv_cache"]) == ("fp8 static", "bf16")
+    assert fp8["perplexity"] != bf16["perplexity"] and abs(fp8["perplexity"] / bf16["perplexity"] - 1) < 0.02
+
+
 @pytest.mark.slow  # ~4 minutes: two rows, each quantized, evaluated and run in its own processes
 def test_study_of_two_widths_writes_its_report_and_a_rerun_reuses_every_row(tmp_path):
     out = tmp_path / "study"

@@ -111,3 +111,36 @@ def test_lm_head_is_quantized_only_when_asked_and_the_checkpoint_still_loads(tin
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_calibrated_kv_cache_is_saved_as_compressed_tensors_names_it_and_loaded_back(tiny_model_dir, tmp_path, ids):
+    """kv_cache_scheme fp8 per-tensor static and each attention's k_scale / v_scale [1] (the names vLLM reads);
+    lowbit reloads the scales; transformers loads the checkpoint and runs its weights, ignoring the scales."""
+    from transformers import AutoModelForCausalLM
+
+    _, model, _ = quantize_tiny(tiny_model_dir, tmp_path / "q", make_scheme(4, 32), kv_cache="fp8",
+                                calib="shakespeare", nsamples=4, seqlen=32)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    kv = QuantizationConfig.model_validate(config["quantization_config"]).kv_cache_scheme
+    assert (kv.num_bits, kv.type, kv.strategy, kv.dynamic) == (8, "float", "tensor", False)
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for i, layer in enumerate(model.model.layers):
+        for name in ("k_scale", "v_scale"):
+            saved = tensors[f"model.layers.{i}.self_attn.{name}"]
+            assert saved.shape == (1,) and saved.dtype == torch.float32
+            assert torch.equal(saved, getattr(layer.self_attn, name)) and float(saved) > 0
+    reloaded, _, _ = load_model(str(tmp_path / "q"))
+    assert torch.equal(reloaded.model.layers[1].self_attn.v_scale, model.model.layers[1].self_attn.v_scale)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_kv_cache_scheme_lowbit_does_not_run_is_refused_on_load(tiny_model_dir, tmp_path):
+    quantize_tiny(tiny_model_dir, tmp_path / "q", make_scheme(4, 32), kv_cache="fp8", calib="shakespeare",
+                  nsamples=2, seqlen=16)
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["kv_cache_scheme"].update(type="int", dynamic=True)
+    path.write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="kv_cache_scheme int8 sym per-tensor dynamic is not one lowbit runs"):
+        load_model(str(tmp_path / "q"))

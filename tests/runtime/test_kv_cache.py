@@ -102,4 +102,4 @@ def test_the_decoder_names_its_cache_and_says_the_compiled_step_does_not_take_it
     decoder = _decoder(llama, "int4", max_len=64)
     assert decoder.kernels()["KV cache"] == "int4 (keys per channel over 64 positions, values per position)"
     assert "int4 KV cache is not in the compiled step" in decoder.kernels()["decode step"]
-    assert _decoder(llama, "fp8 static", max_len=64).kernels()["KV cache"] == "fp8 (static scales)"
+    assert _decoder(llama, "fp8 static", max_len=64).kernels()["KV cache"] == "fp8 (calibrated static scales)"

@@ -67,3 +67,19 @@ def test_a_family_without_lean_decoder_says_decode_takes_the_slower_forward(tmp_
     assert any("gpt2 has no lean decoder" in line for line in llm.notices)
     assert "gpt2 has no lean decoder" in capsys.readouterr().err
     assert llm.kernels()["decode step"].startswith("transformers forward")
+
+
+def test_a_checkpoint_s_calibrated_fp8_cache_is_the_default_and_a_given_format_overrides_it(tiny_model_dir, tmp_path):
+    from lowbit import api
+
+    api.quantize(str(tiny_model_dir), method="rtn", output_dir=tmp_path / "q", kv_cache="fp8", calib="shakespeare",
+                 nsamples=2, seqlen=32, progress=False)
+    calibrated = LLM(str(tmp_path / "q"), max_model_len=64)
+    assert calibrated.kernels()["KV cache"] == "fp8 (calibrated static scales)" and not calibrated.notices
+    scales = calibrated.decoder.cache.k_scale
+    assert scales.shape == (2,) and torch.all(scales > 0)
+    overridden = LLM(str(tmp_path / "q"), max_model_len=64, kv_cache="int8")
+    assert overridden.kernels()["KV cache"] == "int8 (dynamic scales)"
+    assert overridden.notices == ["lowbit: the checkpoint's calibrated fp8 KV cache is not used: --kv-cache int8 given"]
+    evaluated = api.evaluate(str(tmp_path / "q"), "austen", seqlen=32, max_tokens=64, progress=False)
+    assert evaluated.kv_cache == "fp8 static"
