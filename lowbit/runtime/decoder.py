@@ -192,8 +192,8 @@ class LeanDecoder(nn.Module):
                              dense_dtype=cache_dtype)
         self.step_unavailable = unavailable_reason() if self.dtype in (torch.float32, torch.bfloat16) else (
             f"compute dtype {self.dtype}")
-        if not self.step_unavailable and kv_cache == "int4":
-            self.step_unavailable = f"the {kv_cache} KV cache is not in the compiled step yet"
+        if not self.step_unavailable and kv_cache == "int4" and self.head_dim % 2:
+            self.step_unavailable = f"the int4 KV cache packs pairs of channels; head_dim {self.head_dim} is odd"
         self.step = None if self.step_unavailable else self._compiled_step(native_module())
 
     @property
@@ -214,8 +214,11 @@ class LeanDecoder(nn.Module):
             projections = [_step_projection(native, m) for m in (b.qkv, b.o, b.gate_up, b.down)]
             step.add_block(*projections, b.norm_attn, b.norm_mlp, b.q_norm, b.k_norm, b.post_attn, b.post_mlp,
                            b.window, b.rope)
-        if self.cache.fmt.per_token:
-            step.set_cache_scales(self.cache.k_scale, self.cache.v_scale)
+        c = self.cache
+        if c.fmt.per_token:
+            step.set_cache_scales(c.k_scale, c.v_scale)
+        elif c.fmt.name == "int4":
+            step.set_int4_cache(c.k_scale, c.k_min, c.v_scale, c.v_min, c.k_residual, c.v_residual)
         head = _step_projection(native, self.lm_head)
         step.set_head(head)
         if self.shared_embedding:

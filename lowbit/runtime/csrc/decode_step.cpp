@@ -13,7 +13,9 @@
 // dtype, or a Python callable for anything else, so no layer keeps the whole step from running here.
 // The KV cache holds float32 or bfloat16 rows, or int8 / FP8 E4M3 codes with a float16 scale per position and
 // head (or, FP8, one static scale per layer), stored exactly as lowbit.schemes.kv_cache.quantize_tokens computes
-// them; attention reads the codes directly (no dequantized copy) and accumulates in float32.
+// them; or int4 KIVI codes (keys per channel over groups of G positions, values per position, the incomplete group
+// in a bfloat16 residual), quantized as lowbit.schemes.kv_cache.quantize_asymmetric computes them. Attention reads
+// the codes directly (no dequantized copy) and accumulates in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -270,6 +272,72 @@ inline void axpy_row(float w, const T* v, float* o, int64_t d) {
   for (int64_t jj = j; jj < d; ++jj) o[jj] += w * to_float(v[jj]);
 }
 
+// int4 codes two per byte (byte i = c[2i] | c[2i + 1] << 4): q · c, and o += a·c + b, over d codes.
+#if defined(__AVX2__)
+inline __m128i nibbles16(const uint8_t* p) {  // 16 codes from 8 bytes, one per byte, in order
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+}
+#endif
+inline float nibble(const uint8_t* c, int64_t j) { return static_cast<float>((c[j / 2] >> (4 * (j & 1))) & 15); }
+
+inline float dot_nibbles(const float* q, const uint8_t* c, int64_t d) {
+  int64_t j = 0;
+  float dot = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= d; j += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles16(c + j / 2))), acc);
+  dot = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 16 <= d; j += 16) {
+    const __m128i n = nibbles16(c + j / 2);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n)), acc);
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(n, 8))), acc);
+  }
+  dot = lowbit::hsum(acc);
+#endif
+  for (; j < d; ++j) dot += q[j] * nibble(c, j);
+  return dot;
+}
+
+inline void axpy_nibbles(float a, float b, const uint8_t* c, float* o, int64_t d) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(b);
+  for (; j + 16 <= d; j += 16) {
+    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles16(c + j / 2)));
+    _mm512_storeu_ps(o + j, _mm512_fmadd_ps(av, x, _mm512_add_ps(_mm512_loadu_ps(o + j), bv)));
+  }
+#elif defined(__AVX2__)
+  const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
+  for (; j + 16 <= d; j += 16) {
+    const __m128i n = nibbles16(c + j / 2);
+    const __m256 x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n));
+    const __m256 x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(n, 8)));
+    _mm256_storeu_ps(o + j, _mm256_fmadd_ps(av, x0, _mm256_add_ps(_mm256_loadu_ps(o + j), bv)));
+    _mm256_storeu_ps(o + j + 8, _mm256_fmadd_ps(av, x1, _mm256_add_ps(_mm256_loadu_ps(o + j + 8), bv)));
+  }
+#endif
+  for (; j < d; ++j) o[j] += a * nibble(c, j) + b;
+}
+
+// int4's asymmetric range of n values x[i · stride] (bfloat16): m = fp16(min), s = fp16(clamp((max − m) / 15)),
+// codes c = clamp(round((x − m) / s), 0, 15) written to codes[i] (one per byte); as quantize_asymmetric.
+constexpr float kInt4Levels = 15.f;
+inline void int4_codes(const at::BFloat16* x, int64_t n, int64_t stride, uint8_t* codes, at::Half* s_out,
+                       at::Half* m_out) {
+  float lo = INFINITY, hi = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) lo = std::min(lo, to_float(x[i * stride])), hi = std::max(hi, to_float(x[i * stride]));
+  const at::Half m = static_cast<at::Half>(lo);
+  const at::Half s = static_cast<at::Half>(std::min(std::max((hi - static_cast<float>(m)) / kInt4Levels, kScaleFloor), 65504.f));
+  const float mf = static_cast<float>(m), sf = static_cast<float>(s);
+  for (int64_t i = 0; i < n; ++i)
+    codes[i] = static_cast<uint8_t>(std::min(kInt4Levels, std::max(0.f, std::nearbyint((to_float(x[i * stride]) - mf) / sf))));
+  *s_out = s, *m_out = m;
+}
+
 // e^x for x ≤ 0 (softmax after subtracting the max), vectorisable: e^x = 2^i · 2^f with x·log2(e) = i + f,
 // f ∈ [0, 1), 2^f by its Taylor polynomial of degree 6 (relative error < 2e-5).
 inline float exp_nonpositive(float x) {
@@ -325,6 +393,79 @@ std::tuple<Tensor, Tensor> kv_store_rows(Tensor x, Tensor like, double static_sc
   return {codes, scales};
 }
 
+// (packed codes [n, d/2], fp16 scales, fp16 minimums) of bfloat16 x [n, d] as the int4 cache stores them: keys
+// (per_channel) with one scale and minimum per channel over the n rows, values with one per row.
+std::tuple<Tensor, Tensor, Tensor> kv_int4_rows(Tensor x, bool per_channel) {
+  Tensor xb = x.to(at::kBFloat16).contiguous();
+  TORCH_CHECK(xb.dim() == 2 && xb.size(1) % 2 == 0, "rows: [n, d], d even");
+  const int64_t n = xb.size(0), d = xb.size(1), count = per_channel ? d : n;
+  Tensor packed = at::zeros({n, d / 2}, at::TensorOptions().dtype(at::kByte));
+  Tensor scales = at::empty({count}, at::TensorOptions().dtype(at::kHalf)), mins = at::empty_like(scales);
+  std::vector<uint8_t> codes(per_channel ? n : d);
+  const at::BFloat16* X = xb.data_ptr<at::BFloat16>();
+  uint8_t* P = packed.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    int4_codes(per_channel ? X + i : X + i * d, codes.size(), per_channel ? d : 1, codes.data(),
+               scales.data_ptr<at::Half>() + i, mins.data_ptr<at::Half>() + i);
+    for (size_t r = 0; r < codes.size(); ++r) {
+      const int64_t row = per_channel ? r : i, col = per_channel ? i : r;
+      P[row * (d / 2) + col / 2] |= codes[r] << (4 * (col & 1));
+    }
+  }
+  return {packed, scales, mins};
+}
+
+// Readers of one layer's kv head g for attention: score(r, q, t) = q · k̂_t, add_value(w, t, o): o += w · v̂_t.
+// Per-position formats: x̂_t = s_t · row_t (s_t from float16 scales, or one static scale; 1 for float rows).
+template <typename T>
+struct CodedRows {
+  const T *K, *V;
+  const at::Half *KS, *VS;
+  float kst, vst;
+  int64_t d;
+  float score(int64_t, const float* q, int64_t t) {
+    return dot_row(q, K + t * d, d) * (KS ? static_cast<float>(KS[t]) : kst);
+  }
+  void add_value(float w, int64_t t, float* o) const {
+    axpy_row(w * (VS ? static_cast<float>(VS[t]) : vst), V + t * d, o, d);
+  }
+};
+
+// int4: positions below `whole` from the codes, k̂_tc = s_gc · c_tc + m_gc (g = t / G) and v̂_t = s_t · c_t + m_t;
+// the others from the bfloat16 residual (slot t mod G). q · k̂_t = (q ⊙ s_g) · c_t + q · m_g, with q ⊙ s_g and
+// q · m_g kept per query row for the group last read.
+struct Int4Rows {
+  const uint8_t *K, *V;
+  const at::Half *KS, *KM, *VS, *VM;
+  const at::BFloat16 *KR, *VR;
+  int64_t d, G, whole;
+  std::vector<float> qs, qm;
+  std::vector<int64_t> cached;
+  Int4Rows(const uint8_t* K, const uint8_t* V, const at::Half* KS, const at::Half* KM, const at::Half* VS,
+           const at::Half* VM, const at::BFloat16* KR, const at::BFloat16* VR, int64_t d, int64_t G, int64_t whole,
+           int64_t rows)
+      : K(K), V(V), KS(KS), KM(KM), VS(VS), VM(VM), KR(KR), VR(VR), d(d), G(G), whole(whole), qs(rows * d),
+        qm(rows), cached(rows, -1) {}
+  float score(int64_t r, const float* q, int64_t t) {
+    if (t >= whole) return dot_row(q, KR + (t % G) * d, d);
+    const int64_t g = t / G;
+    float* qsr = qs.data() + r * d;
+    if (cached[r] != g) {
+      float b = 0.f;
+      for (int64_t c = 0; c < d; ++c) {
+        qsr[c] = q[c] * static_cast<float>(KS[g * d + c]);
+        b += q[c] * static_cast<float>(KM[g * d + c]);
+      }
+      qm[r] = b, cached[r] = g;
+    }
+    return dot_nibbles(qsr, K + t * (d / 2), d) + qm[r];
+  }
+  void add_value(float w, int64_t t, float* o) const {
+    if (t >= whole) return axpy_row(w, VR + (t % G) * d, o, d);
+    axpy_nibbles(w * static_cast<float>(VS[t]), w * static_cast<float>(VM[t]), V + t * (d / 2), o, d);
+  }
+};
+
 }  // namespace
 
 class DecodeStep {
@@ -337,10 +478,11 @@ class DecodeStep {
         sin_(sin.to(at::kFloat).contiguous()), k_cache_(k_cache), v_cache_(v_cache), final_norm_(to_floats(final_norm)) {
     TORCH_CHECK(activation == kSilu || activation == kGeluTanh, "unknown activation code");
     const auto t = k_cache.scalar_type();
-    TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat || t == at::kChar || t == at::kFloat8_e4m3fn) &&
+    TORCH_CHECK((t == at::kBFloat16 || t == at::kFloat || t == at::kChar || t == at::kFloat8_e4m3fn || t == at::kByte) &&
                     k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.scalar_type() == t,
-                "KV cache: contiguous float32, bfloat16, int8 or float8_e4m3fn");
-    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(2) == kv_heads && k_cache.size(4) == head_dim, "KV cache shape");
+                "KV cache: contiguous float32, bfloat16, int8, float8_e4m3fn or uint8 (int4 pairs)");
+    TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(2) == kv_heads &&
+                    k_cache.size(4) == (t == at::kByte ? head_dim / 2 : head_dim), "KV cache shape");
     max_len_ = k_cache.size(3);
     TORCH_CHECK(cos_.dim() == 3 && cos_.size(1) >= max_len_ && cos_.size(2) == head_dim && sin_.sizes() == cos_.sizes(),
                 "RoPE tables: [tables, max_len, head_dim]");
@@ -387,6 +529,24 @@ class DecodeStep {
     }
   }
 
+  // int4 caches: keys' float16 scales and minimums [L, 1, kv_heads, ⌈max_len / G⌉, d], values' [L, 1, kv_heads,
+  // max_len], and the bfloat16 residuals [L, 1, kv_heads, G, d] of the incomplete group.
+  void set_int4_cache(Tensor k_scale, Tensor k_min, Tensor v_scale, Tensor v_min, Tensor k_residual, Tensor v_residual) {
+    const int64_t layers = k_cache_.size(0), G = k_residual.size(3), groups = (max_len_ + G - 1) / G;
+    TORCH_CHECK(k_cache_.scalar_type() == at::kByte && d_ % 2 == 0, "an int4 cache holds uint8 code pairs");
+    for (const Tensor* t : {&k_scale, &k_min, &v_scale, &v_min})
+      TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "int4 scales and minimums: contiguous float16");
+    TORCH_CHECK(k_scale.numel() == layers * kv_heads_ * groups * d_ && k_min.numel() == k_scale.numel() &&
+                    v_scale.numel() == layers * kv_heads_ * max_len_ && v_min.numel() == v_scale.numel(),
+                "int4 scale shapes");
+    TORCH_CHECK(k_residual.scalar_type() == at::kBFloat16 && v_residual.scalar_type() == at::kBFloat16 &&
+                    k_residual.is_contiguous() && v_residual.is_contiguous() &&
+                    k_residual.numel() == layers * kv_heads_ * G * d_ && v_residual.numel() == k_residual.numel(),
+                "int4 residuals: contiguous bfloat16 [L, 1, kv_heads, G, d]");
+    k_scale_ = k_scale, k_min_ = k_min, v_scale_ = v_scale, v_min_ = v_min;
+    k_residual_ = k_residual, v_residual_ = v_residual, group_ = G;
+  }
+
   // Logits [1, V] (float32) for `token` at `position`; writes this position's keys and values.
   // `row` (float32 [D]) replaces the table lookup for embeddings this step does not hold.
   Tensor forward(int64_t token, int64_t position, c10::optional<Tensor> row) {
@@ -394,6 +554,7 @@ class DecodeStep {
     TORCH_CHECK(head_ && (embed_.defined() || embed_rows_ || row), "decode step not fully built");
     const bool coded = k_cache_.scalar_type() == at::kChar || k_cache_.scalar_type() == at::kFloat8_e4m3fn;
     TORCH_CHECK(!coded || k_scale_.defined() || !k_static_.empty(), "an int8 / FP8 KV cache needs its scales");
+    TORCH_CHECK(k_cache_.scalar_type() != at::kByte || group_ > 0, "an int4 KV cache needs set_int4_cache");
     const int64_t D = head_->in_features(), q_size = heads_ * d_, kv_size = kv_heads_ * d_;
     std::vector<float> h(D), x(D), qkv(q_size + 2 * kv_size), attn(q_size);
     if (row) {
@@ -475,6 +636,7 @@ class DecodeStep {
       case at::kBFloat16: return store_and_attend<at::BFloat16>(layer, position, first, q, k, v, out);
       case at::kChar: return store_and_attend<int8_t>(layer, position, first, q, k, v, out);
       case at::kFloat8_e4m3fn: return store_and_attend<at::Float8_e4m3fn>(layer, position, first, q, k, v, out);
+      case at::kByte: return store_and_attend_int4(layer, position, first, q, k, v, out);
       default: return store_and_attend<float>(layer, position, first, q, k, v, out);
     }
   }
@@ -491,35 +653,72 @@ class DecodeStep {
       store_row(k + g * d_, kc + at_pos * d_, ks ? ks + at_pos : nullptr, kst, d_);
       store_row(v + g * d_, vc + at_pos * d_, vs ? vs + at_pos : nullptr, vst, d_);
     }
-    attend(q, kc + first * d_, vc + first * d_, ks ? ks + first : nullptr, vs ? vs + first : nullptr, kst, vst,
-           position + 1 - first, out);
+    attend(q, first, position + 1 - first, [&](int64_t g) {
+      const int64_t at_head = g * max_len_;
+      return CodedRows<T>{kc + at_head * d_, vc + at_head * d_, ks ? ks + at_head : nullptr,
+                          vs ? vs + at_head : nullptr, kst, vst, d_};
+    }, out);
   }
 
-  // a_h = softmax(q_h · K[0..T) / √d) V[0..T) for every head. Positions are split into one chunk per
-  // thread (flash-decoding): each chunk keeps its own max m, sum l and unnormalised output o per head,
-  // merged as a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c. The query heads that
-  // share a key/value head are served by one pass over its rows.
-  // ks, vs: the scales per position of head 0 (head g's at + g · max_len), or nullptr and one scale kst, vst.
-  template <typename T>
-  void attend(const float* q, const T* kc, const T* vc, const at::Half* ks, const at::Half* vs, float kst, float vst,
-              int64_t T_len, float* out) const {
-    const int64_t d = d_, H = heads_, group = heads_ / kv_heads_, max_len = max_len_;
+  // int4: the position goes to the residual (bfloat16, slot position mod G); when it completes its group, the group's
+  // keys are quantized per channel and its values per position from the residual, as KVCache._store_int4 does.
+  void store_and_attend_int4(size_t layer, int64_t position, int64_t first, const float* q, const float* k,
+                             const float* v, float* out) {
+    const int64_t G = group_, d = d_, groups = (max_len_ + G - 1) / G;
+    uint8_t* kc = k_cache_.data_ptr<uint8_t>() + layer * kv_heads_ * max_len_ * (d / 2);
+    uint8_t* vc = v_cache_.data_ptr<uint8_t>() + layer * kv_heads_ * max_len_ * (d / 2);
+    at::Half* ks = k_scale_.data_ptr<at::Half>() + layer * kv_heads_ * groups * d;
+    at::Half* km = k_min_.data_ptr<at::Half>() + layer * kv_heads_ * groups * d;
+    at::Half* vs = v_scale_.data_ptr<at::Half>() + layer * kv_heads_ * max_len_;
+    at::Half* vm = v_min_.data_ptr<at::Half>() + layer * kv_heads_ * max_len_;
+    at::BFloat16* kr = k_residual_.data_ptr<at::BFloat16>() + layer * kv_heads_ * G * d;
+    at::BFloat16* vr = v_residual_.data_ptr<at::BFloat16>() + layer * kv_heads_ * G * d;
+    const int64_t slot = position % G, g0 = position - slot;
+    std::vector<uint8_t> codes(std::max(G, d));
+    for (int64_t h = 0; h < kv_heads_; ++h) {
+      at::BFloat16 *khr = kr + h * G * d, *vhr = vr + h * G * d;
+      for (int64_t j = 0; j < d; ++j)
+        khr[slot * d + j] = static_cast<at::BFloat16>(k[h * d + j]), vhr[slot * d + j] = static_cast<at::BFloat16>(v[h * d + j]);
+      if (slot != G - 1) continue;
+      uint8_t *kh = kc + h * max_len_ * (d / 2), *vh = vc + h * max_len_ * (d / 2);
+      std::fill(kh + g0 * (d / 2), kh + (g0 + G) * (d / 2), 0);
+      for (int64_t c = 0; c < d; ++c) {  // keys: per channel over the group's G positions
+        const int64_t at_g = (h * groups + g0 / G) * d + c;
+        int4_codes(khr + c, G, d, codes.data(), ks + at_g, km + at_g);
+        for (int64_t t = 0; t < G; ++t) kh[(g0 + t) * (d / 2) + c / 2] |= codes[t] << (4 * (c & 1));
+      }
+      for (int64_t t = 0; t < G; ++t) {  // values: per position over its d channels
+        const int64_t at_t = h * max_len_ + g0 + t;
+        int4_codes(vhr + t * d, d, 1, codes.data(), vs + at_t, vm + at_t);
+        for (int64_t c = 0; c < d; c += 2) vh[(g0 + t) * (d / 2) + c / 2] = codes[c] | (codes[c + 1] << 4);
+      }
+    }
+    const int64_t whole = G * ((position + 1) / G), rows = heads_ / kv_heads_;
+    attend(q, first, position + 1 - first, [&](int64_t h) {
+      return Int4Rows(kc + h * max_len_ * (d / 2), vc + h * max_len_ * (d / 2), ks + h * groups * d, km + h * groups * d,
+                      vs + h * max_len_, vm + h * max_len_, kr + h * G * d, vr + h * G * d, d, G, whole, rows);
+    }, out);
+  }
+
+  // a_h = softmax(scale · q_h · K̂[first..first+T_len)ᵀ) V̂[first..first+T_len) for every head, K̂ and V̂ read through
+  // rows_of(g) (CodedRows, Int4Rows) for kv head g. Positions are split into one chunk per thread (flash-decoding):
+  // each chunk keeps its own max m, sum l and unnormalised output o per head, merged as
+  // a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c. The query heads that share a key/value head
+  // are served by one pass over its rows.
+  template <typename RowsOf>
+  void attend(const float* q, int64_t first, int64_t T_len, RowsOf rows_of, float* out) const {
+    const int64_t d = d_, H = heads_, group = heads_ / kv_heads_;
     const float scale = attn_scale_;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), T_len / 64));
     std::vector<float> m(chunks * H), l(chunks * H), o(chunks * H * d, 0.f);
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t t0 = c * T_len / chunks, t1 = (c + 1) * T_len / chunks, n = t1 - t0;
+        const int64_t t0 = first + c * T_len / chunks, t1 = first + (c + 1) * T_len / chunks, n = t1 - t0;
         std::vector<float> s(group * n);
         for (int64_t g = 0; g < kv_heads_; ++g) {
-          const T* K = kc + g * max_len * d;
-          const T* V = vc + g * max_len * d;
-          const at::Half* KS = ks ? ks + g * max_len : nullptr;
-          const at::Half* VS = vs ? vs + g * max_len : nullptr;
-          for (int64_t t = t0; t < t1; ++t) {
-            const float kt = (KS ? static_cast<float>(KS[t]) : kst) * scale;
-            for (int64_t r = 0; r < group; ++r) s[r * n + t - t0] = dot_row(q + (g * group + r) * d, K + t * d, d) * kt;
-          }
+          auto rows = rows_of(g);
+          for (int64_t t = t0; t < t1; ++t)
+            for (int64_t r = 0; r < group; ++r) s[r * n + t - t0] = rows.score(r, q + (g * group + r) * d, t) * scale;
           for (int64_t r = 0; r < group; ++r) {
             float* sr = s.data() + r * n;
             float mx = -INFINITY, sum = 0.f;
@@ -531,11 +730,9 @@ class DecodeStep {
             m[c * H + g * group + r] = mx;
             l[c * H + g * group + r] = sum;
           }
-          for (int64_t t = t0; t < t1; ++t) {
-            const float vt = VS ? static_cast<float>(VS[t]) : vst;
+          for (int64_t t = t0; t < t1; ++t)
             for (int64_t r = 0; r < group; ++r)
-              axpy_row(s[r * n + t - t0] * vt, V + t * d, o.data() + (c * H + g * group + r) * d, d);
-          }
+              rows.add_value(s[r * n + t - t0], t, o.data() + (c * H + g * group + r) * d);
         }
       }
     });
@@ -557,7 +754,8 @@ class DecodeStep {
   double eps_;
   float attn_scale_, embed_scale_;
   int64_t activation_;
-  Tensor cos_, sin_, k_cache_, v_cache_, k_scale_, v_scale_;
+  Tensor cos_, sin_, k_cache_, v_cache_, k_scale_, v_scale_, k_min_, v_min_, k_residual_, v_residual_;
+  int64_t group_ = 0;  // int4: positions per key group
   std::vector<float> k_static_, v_static_;  // empty: no static scales
   std::vector<float> final_norm_;
   std::vector<Block> blocks_;
@@ -580,6 +778,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("kv_store_rows", &kv_store_rows, "(codes, float16 scales) of rows as the int8 / FP8 KV cache stores them",
         pybind11::arg("x"), pybind11::arg("like"), pybind11::arg("static_scale") = 0.0);
+  m.def("kv_int4_rows", &kv_int4_rows, "(packed codes, float16 scales, float16 minimums) of rows as the int4 KV cache"
+        " stores keys (per_channel) or values", pybind11::arg("x"), pybind11::arg("per_channel"));
   m.def("int8_pack", &lowbit::int8_pack, "int8 weights [N, K] in the panel layout of int8_gemm");
   m.def("int8_gemm", &lowbit::int8_gemm,
         "y [M, N] = x [M, K] Wᵀ with x quantized to int8 (per row, per call, or a static scale > 0) and int32 sums",
@@ -609,5 +809,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_embedding_rows", &DecodeStep::set_embedding_rows)
       .def("set_head", &DecodeStep::set_head)
       .def("set_cache_scales", &DecodeStep::set_cache_scales)
+      .def("set_int4_cache", &DecodeStep::set_int4_cache)
       .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
