@@ -2,7 +2,8 @@
 the offline last-word task, cache bytes per token, decode tok/s at several context depths, and the longest
 context whose cache fits in 1 GB.
 
-Each measurement is one ``lowbit eval --kv-cache F`` or ``lowbit bench --kv-cache F --depth …`` in its own
+Rows: bf16, int8, fp8 (dynamic scales per position), fp8 static (scales calibrated by ``lowbit quantize --kv-cache
+fp8``), int4 (KIVI). Each measurement is one ``lowbit eval --kv-cache F`` or ``lowbit bench --kv-cache F --depth …`` in its own
 process (printed with the table); speed is only comparable within one run on an otherwise idle machine, and the
 CPU is printed with the table.
 
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FORMATS = ("bf16", "int8", "fp8", "int4")
+FORMATS = ("bf16", "int8", "fp8", "fp8 static", "int4")
 GIB = 1 << 30
 
 
@@ -31,20 +32,31 @@ def run_json(cmd: list) -> object:
     return json.loads(done.stdout)
 
 
-def checkpoint(a) -> Path:
-    """The W4 g64 GPTQ checkpoint every row runs (made once)."""
-    path = a.out / "w4-g64"
+def checkpoint(a, calibrated_cache: bool) -> Path:
+    """The W4 g64 GPTQ checkpoint the rows run (made once), or the same with calibrated static fp8 cache scales
+    (``--kv-cache fp8``: the "fp8 static" row; GPTQ is deterministic, so its weights are the same)."""
+    path = a.out / ("w4-g64-kv-fp8" if calibrated_cache else "w4-g64")
     if not (path / "config.json").exists():
         run_json(["quantize", a.model, "-o", path, "--method", "gptq", "--bits", "4", "--group-size", "64",
-                  "--calib", "shakespeare", "--overwrite", "--json"])
+                  "--calib", "shakespeare", "--overwrite", "--json", *(["--kv-cache", "fp8"] if calibrated_cache else [])])
     return path
 
 
-def measure(a, model: Path, fmt: str) -> dict:
-    ev = run_json(["eval", model, "--kv-cache", fmt, "--ppl", a.ppl, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens,
+def depths(a, model: Path) -> str:
+    """The asked depths, the deepest capped where it and the decoded tokens would pass the model's context."""
+    limit = json.loads((model / "config.json").read_text()).get("max_position_embeddings") or 1 << 30
+    return ",".join(str(min(int(d), limit - a.decode_tokens)) for d in a.depths.split(","))
+
+
+def measure(a, fmt: str) -> dict:
+    """One row: "fp8 static" is the calibrated checkpoint in its default cache, the others a --kv-cache format."""
+    static = fmt == "fp8 static"
+    model = checkpoint(a, static)
+    cache = [] if static else ["--kv-cache", fmt]
+    ev = run_json(["eval", model, *cache, "--ppl", a.ppl, "--seqlen", a.seqlen, "--max-tokens", a.max_tokens,
                    "--tasks", "lambada", "--limit", a.limit, "--json"])[0]
-    speed = run_json(["bench", model, "--kv-cache", fmt, "--prompt-tokens", 64, "--decode-tokens", a.decode_tokens,
-                      "--repeats", a.repeats, "--depth", a.depths, "--json"])
+    speed = run_json(["bench", model, *cache, "--prompt-tokens", 64, "--decode-tokens", a.decode_tokens,
+                      "--repeats", a.repeats, "--depth", depths(a, model), "--json"])
     return {"format": fmt, "eval": ev, "speed": speed}
 
 
@@ -62,8 +74,7 @@ def main() -> None:
     p.add_argument("--formats", default=",".join(FORMATS))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    model = checkpoint(a)
-    rows = [measure(a, model, fmt) for fmt in a.formats.split(",")]
+    rows = [measure(a, fmt) for fmt in a.formats.split(",")]
     (a.out / "kvcache.json").write_text(json.dumps(rows, indent=2))
     print_table(rows, a)
 

@@ -37,7 +37,8 @@ Quantization = Annotated[
     Optional[str], typer.Option(help="quantize a full-precision model at load time: int8, int4 (weights) or fp8"
                                      " (dynamic FP8 W8A8; on CPU for accuracy, not speed)")
 ]
-MaxModelLen = Annotated[int, typer.Option(help="context length (prompt + answer)")]
+MaxModelLen = Annotated[int, typer.Option("--max-model-len", "--max-context",
+                                          help="context length (prompt + answer; at most the model's own)")]
 LmHead = Annotated[str, typer.Option(help="output projection: int8 (fast) or dense (the compute dtype)")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads (default: all)")]
 KvCache = Annotated[Optional[str], typer.Option(
@@ -251,7 +252,8 @@ def evaluate(
         raise typer.Exit(failed)
 
 
-def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache=None):
+def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache=None,
+              exact_context=None):
     from lowbit.runtime.llm import LLM
 
     _quiet_transformers()
@@ -264,6 +266,7 @@ def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         kv_cache=kv_cache,
+        exact_context=exact_context,
     )
 
 
@@ -347,7 +350,8 @@ def bench(
     if any(d < 1 for d in depths):
         raise LowbitError(f"--depth takes positive token counts, got {depth!r}")
     context = max([prompt_tokens, *depths]) + decode_tokens
-    llm = _load_llm(model, quantization, context, lm_head, threads, False, False, kv_cache)
+    llm = _load_llm(model, quantization, context, lm_head, threads, False, False, kv_cache,
+                    exact_context=f"a prompt or depth of {context - decode_tokens} plus {decode_tokens} decoded tokens")
     result = measure_speed(llm, prompt_tokens, decode_tokens, repeats).to_dict()
     result["kv_cache_bytes_per_token"] = llm.kv_cache_bytes_per_token()
     if depths:

@@ -46,7 +46,8 @@ class LLM:
     the compute dtype. ``kv_cache``: how keys and values are cached (bf16, int8, fp8, int4: see
     :mod:`lowbit.schemes.kv_cache`); None: the checkpoint's calibrated fp8 cache (its ``kv_cache_scheme``), else
     bf16; "fp8" on such a checkpoint uses its static scales, and any other format overrides them. Llama-style families run on lowbit's lean decoder; others on transformers'
-    forward. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
+    forward. A ``max_model_len`` beyond the model's positions is clamped to them with a notice, or, given
+    ``exact_context`` (what needs it, for the message), refused. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class LLM:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         kv_cache: Optional[str] = None,
+        exact_context: Optional[str] = None,
     ):
         if kv_cache is not None:
             kv_format(kv_cache)  # an unknown cache format is refused before the model loads
@@ -76,7 +78,11 @@ class LLM:
         if quantization is not None and self.source.quantized:
             raise LowbitError(f"{model} is already quantized; drop --quantization")
         limit = getattr(hf_model.config, "max_position_embeddings", None) or max_model_len
+        if exact_context and max_model_len > limit:
+            raise LowbitError(f"{exact_context} needs a context of {max_model_len} tokens, beyond the model's {limit}")
         self.max_model_len = min(max_model_len, limit)
+        self._clamped = f"lowbit: a context of {max_model_len} is beyond the model's {limit} positions; using {limit}" if (
+            max_model_len > limit) else None
         self.name = model
         self.quantization = quantization or ("checkpoint" if self.source.quantized else None)
         body = quantizer_for(quantization) if quantization else None
@@ -115,6 +121,8 @@ class LLM:
         if getattr(self.decoder, "step_unavailable", None):
             lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
                          " runs the PyTorch loop, several times slower")
+        if self._clamped:
+            lines.append(self._clamped)
         if self._kv_override:
             lines.append(f"lowbit: the checkpoint's calibrated fp8 KV cache is not used: --kv-cache {self.kv_cache} given")
         return [line for line in lines if line]

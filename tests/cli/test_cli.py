@@ -137,8 +137,11 @@ def test_bench_decodes_at_each_depth_asked_and_refuses_a_bad_one(tiny_model_dir)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert [d["depth"] for d in result["depths"]] == [70, 200] and all(d["decode_tok_s_median"] > 0 for d in result["depths"])
-    assert any("int4 KV cache is not in the compiled step" in line for line in result["notices"])
+    assert result["kernels"]["decode step"].startswith("compiled") or result["notices"]
     assert_clean_failure(run("bench", tiny_model_dir, "--depth", "2k"), "--depth")
+    assert_clean_failure(run("bench", tiny_model_dir, "--prompt-tokens", "16", "--depth", "250", "--decode-tokens", "8"),
+                         "a prompt or depth of 250 plus 8 decoded tokens needs a context of 258 tokens, beyond the"
+                         " model's 256")
 
 
 def test_an_unknown_kv_cache_is_refused_before_loading(tiny_model_dir):

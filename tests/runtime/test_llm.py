@@ -83,3 +83,11 @@ def test_a_checkpoint_s_calibrated_fp8_cache_is_the_default_and_a_given_format_o
     assert overridden.notices == ["lowbit: the checkpoint's calibrated fp8 KV cache is not used: --kv-cache int8 given"]
     evaluated = api.evaluate(str(tmp_path / "q"), "austen", seqlen=32, max_tokens=64, progress=False)
     assert evaluated.kv_cache == "fp8 static"
+
+
+def test_a_context_beyond_the_model_s_positions_is_clamped_with_a_notice_or_refused(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), max_model_len=1000)
+    assert llm.max_model_len == 256
+    assert "lowbit: a context of 1000 is beyond the model's 256 positions; using 256" in llm.notices
+    with pytest.raises(LowbitError, match="a long test needs a context of 1000 tokens, beyond the model's 256"):
+        LLM(str(tiny_model_dir), max_model_len=1000, exact_context="a long test")
