@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -241,86 +242,142 @@ inline void store_row(const float* x, at::Float8_e4m3fn* dst, at::Half* scale, f
   for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<at::Float8_e4m3fn>(std::min(448.f, std::max(-448.f, x[j] / s)));
 }
 
+// int4 codes two per byte (byte i = c[2i] | c[2i + 1] << 4), read as a row of d values.
+struct Nibbles {
+  const uint8_t* c;
+};
+inline float to_float_at(Nibbles p, int64_t j) { return static_cast<float>((p.c[j / 2] >> (4 * (j & 1))) & 15); }
 template <typename T>
-inline float dot_row(const float* q, const T* k, int64_t d) {
-  int64_t j = 0;
-  float dot = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; j + kLanes <= d; j += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load_row(k + j), acc);
-  dot = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + kLanes <= d; j += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load_row(k + j), acc);
-  dot = lowbit::hsum(acc);
-#endif
-  for (; j < d; ++j) dot += q[j] * to_float(k[j]);
-  return dot;
-}
+inline float to_float_at(const T* p, int64_t j) { return to_float(p[j]); }
 
-template <typename T>
-inline void axpy_row(float w, const T* v, float* o, int64_t d) {
-  int64_t j = 0;
+// kLanes values of a row from lane j (j a multiple of kLanes) as float32.
 #if defined(__AVX512F__)
-  const __m512 wv = _mm512_set1_ps(w);
-  for (; j + kLanes <= d; j += kLanes) _mm512_storeu_ps(o + j, _mm512_fmadd_ps(wv, load_row(v + j), _mm512_loadu_ps(o + j)));
-#elif defined(__AVX2__)
-  const __m256 wv = _mm256_set1_ps(w);
-  for (; j + kLanes <= d; j += kLanes) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(wv, load_row(v + j), _mm256_loadu_ps(o + j)));
-#endif
-#pragma omp simd
-  for (int64_t jj = j; jj < d; ++jj) o[jj] += w * to_float(v[jj]);
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec lanes(Nibbles p, int64_t j) {  // 16 codes from 8 bytes
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.c + j / 2)), low = _mm_set1_epi8(0x0F);
+  const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n));
 }
-
-// int4 codes two per byte (byte i = c[2i] | c[2i + 1] << 4): q · c, and o += a·c + b, over d codes.
+#elif defined(__AVX2__)
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline float vsum(Vec v) { return lowbit::hsum(v); }
+inline Vec lanes(Nibbles p, int64_t j) {  // 8 codes from 4 bytes
+  int32_t four;
+  std::memcpy(&four, p.c + j / 2, sizeof four);
+  const __m128i b = _mm_cvtsi32_si128(four), low = _mm_set1_epi8(0x0F);
+  const __m128i n = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n));
+}
+#endif
 #if defined(__AVX2__)
-inline __m128i nibbles16(const uint8_t* p) {  // 16 codes from 8 bytes, one per byte, in order
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(0x0F);
-  return _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
-}
+template <typename T>
+inline Vec lanes(const T* p, int64_t j) { return load_row(p + j); }
 #endif
-inline float nibble(const uint8_t* c, int64_t j) { return static_cast<float>((c[j / 2] >> (4 * (j & 1))) & 15); }
 
-inline float dot_nibbles(const float* q, const uint8_t* c, int64_t d) {
+// out[r · stride] = q_r · x for the R query rows q_r = q + r·d that share one cached row x of d values: each
+// lane of x is loaded (and converted) once for all R rows.
+template <int R, typename Row>
+inline void dot_rows(const float* q, Row x, int64_t d, float* out, int64_t stride) {
   int64_t j = 0;
-  float dot = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; j + 16 <= d; j += 16)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles16(c + j / 2))), acc);
-  dot = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 16 <= d; j += 16) {
-    const __m128i n = nibbles16(c + j / 2);
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n)), acc);
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(n, 8))), acc);
+  float dot[R] = {};
+#if defined(__AVX2__)
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = vzero();
+  for (; j + kLanes <= d; j += kLanes) {
+    const Vec v = lanes(x, j);
+    for (int r = 0; r < R; ++r) acc[r] = vfma(vload(q + r * d + j), v, acc[r]);
   }
-  dot = lowbit::hsum(acc);
+  for (int r = 0; r < R; ++r) dot[r] = vsum(acc[r]);
 #endif
-  for (; j < d; ++j) dot += q[j] * nibble(c, j);
-  return dot;
+  for (; j < d; ++j) {
+    const float v = to_float_at(x, j);
+    for (int r = 0; r < R; ++r) dot[r] += q[r * d + j] * v;
+  }
+  for (int r = 0; r < R; ++r) out[r * stride] = dot[r];
 }
 
-inline void axpy_nibbles(float a, float b, const uint8_t* c, float* o, int64_t d) {
-  int64_t j = 0;
+// o_r += Σ_{t0 ≤ t < t1} w[r · stride + t − t0] · a(t) · x(t) for the R output rows o_r = o + r·d, x(t) a cached
+// row of d values and a(t) its scale. Column block by column block, the R rows' sums stay in registers over all
+// positions (one store per block, not one per position), each x(t) block loaded once for the R rows.
 #if defined(__AVX512F__)
-  const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(b);
-  for (; j + 16 <= d; j += 16) {
-    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles16(c + j / 2)));
-    _mm512_storeu_ps(o + j, _mm512_fmadd_ps(av, x, _mm512_add_ps(_mm512_loadu_ps(o + j), bv)));
-  }
-#elif defined(__AVX2__)
-  const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
-  for (; j + 16 <= d; j += 16) {
-    const __m128i n = nibbles16(c + j / 2);
-    const __m256 x0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(n));
-    const __m256 x1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(n, 8)));
-    _mm256_storeu_ps(o + j, _mm256_fmadd_ps(av, x0, _mm256_add_ps(_mm256_loadu_ps(o + j), bv)));
-    _mm256_storeu_ps(o + j + 8, _mm256_fmadd_ps(av, x1, _mm256_add_ps(_mm256_loadu_ps(o + j + 8), bv)));
+constexpr int kBlockVecs = 4;  // R ≤ 4 rows × 4 accumulators + 4 loads within 32 registers
+#else
+constexpr int kBlockVecs = 2;  // within 16
+#endif
+template <int R, typename RowAt, typename ScaleAt>
+inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t t1, RowAt x, ScaleAt a, float* o,
+                            int64_t d) {
+  int64_t j0 = 0;
+#if defined(__AVX2__)
+  constexpr int64_t B = kBlockVecs * kLanes;
+  for (; j0 + B <= d; j0 += B) {
+    Vec acc[R][kBlockVecs];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vzero();
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto row = x(t);
+      const float at = a(t);
+      Vec v[kBlockVecs];
+      for (int b = 0; b < kBlockVecs; ++b) v[b] = lanes(row, j0 + b * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const Vec wr = vset(w[r * stride + t - t0] * at);
+        for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vfma(wr, v[b], acc[r][b]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < kBlockVecs; ++b) {
+        float* out = o + r * d + j0 + b * kLanes;
+        vstore(out, vadd(vload(out), acc[r][b]));
+      }
   }
 #endif
-  for (; j < d; ++j) o[j] += a * nibble(c, j) + b;
+  if (j0 == d) return;
+  for (int64_t t = t0; t < t1; ++t) {
+    const auto row = x(t);
+    for (int r = 0; r < R; ++r) {
+      const float wa = w[r * stride + t - t0] * a(t);
+      for (int64_t j = j0; j < d; ++j) o[r * d + j] += wa * to_float_at(row, j);
+    }
+  }
+}
+
+// The rows r0 … rows − 1 in runs of up to four, each run one instantiation of F<R> (R = run length).
+template <typename F>
+inline void in_runs(int64_t rows, F f) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    switch (std::min<int64_t>(4, rows - r0)) {
+      case 1: f(r0, std::integral_constant<int, 1>()); break;
+      case 2: f(r0, std::integral_constant<int, 2>()); break;
+      case 3: f(r0, std::integral_constant<int, 3>()); break;
+      default: f(r0, std::integral_constant<int, 4>()); break;
+    }
+  }
+}
+
+// s[r · stride] = q_r · x for r < rows; o_r += Σ_t w_r(t) · a(t) · x(t).
+template <typename Row>
+inline void dots(const float* q, int64_t rows, Row x, int64_t d, float* s, int64_t stride) {
+  in_runs(rows, [&](int64_t r0, auto R) { dot_rows<decltype(R)::value>(q + r0 * d, x, d, s + r0 * stride, stride); });
+}
+template <typename RowAt, typename ScaleAt>
+inline void accumulate(const float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, RowAt x, ScaleAt a,
+                       float* o, int64_t d) {
+  in_runs(rows, [&](int64_t r0, auto R) {
+    accumulate_rows<decltype(R)::value>(w + r0 * stride, stride, t0, t1, x, a, o + r0 * d, d);
+  });
 }
 
 // int4's asymmetric range of n values x[i · stride] (bfloat16): m = fp16(min), s = fp16(clamp((max − m) / 15)),
@@ -415,7 +472,27 @@ std::tuple<Tensor, Tensor, Tensor> kv_int4_rows(Tensor x, bool per_channel) {
   return {packed, scales, mins};
 }
 
-// Readers of one layer's kv head g for attention: score(r, q, t) = q · k̂_t, add_value(w, t, o): o += w · v̂_t.
+// float16 scales h[0..n) as float32 (F16C where there is one: 8 at a time, the same values).
+inline void halves_to_floats(const at::Half* h, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) out[i] = static_cast<float>(h[i]);
+}
+
+// w[r · stride + i] *= a[i] for r < rows, i < n: folds per-position scales into the softmax weights.
+inline void scale_rows(float* w, int64_t stride, int64_t rows, const float* a, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) w[r * stride + i] *= a[i];
+}
+
+// Readers of one layer's kv head for attention, over the `rows` query heads that share it, for positions
+// t0 ≤ t < t1 (i = t − t0):
+// scores(q, rows, t0, t1, s, stride): s[r · stride + i] = q_r · k̂_t;
+// accumulate(w, stride, rows, t0, t1, o): o_r += Σ_t w[r · stride + i] · v̂_t (w is scaled in place).
 // Per-position formats: x̂_t = s_t · row_t (s_t from float16 scales, or one static scale; 1 for float rows).
 template <typename T>
 struct CodedRows {
@@ -423,11 +500,23 @@ struct CodedRows {
   const at::Half *KS, *VS;
   float kst, vst;
   int64_t d;
-  float score(int64_t, const float* q, int64_t t) {
-    return dot_row(q, K + t * d, d) * (KS ? static_cast<float>(KS[t]) : kst);
+  std::vector<float> scale;
+  void scores(const float* q, int64_t rows, int64_t t0, int64_t t1, float* s, int64_t stride) {
+    for (int64_t t = t0; t < t1; ++t) dots(q, rows, K + t * d, d, s + t - t0, stride);
+    per_position(KS, kst, t0, t1);
+    scale_rows(s, stride, rows, scale.data(), t1 - t0);
   }
-  void add_value(float w, int64_t t, float* o) const {
-    axpy_row(w * (VS ? static_cast<float>(VS[t]) : vst), V + t * d, o, d);
+  void accumulate(float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, float* o) {
+    per_position(VS, vst, t0, t1);
+    scale_rows(w, stride, rows, scale.data(), t1 - t0);
+    ::accumulate(w, stride, rows, t0, t1, [&](int64_t t) { return V + t * d; }, [](int64_t) { return 1.f; }, o, d);
+  }
+  void per_position(const at::Half* h, float fixed, int64_t t0, int64_t t1) {
+    scale.resize(t1 - t0);
+    if (h)
+      halves_to_floats(h + t0, t1 - t0, scale.data());
+    else
+      std::fill(scale.begin(), scale.end(), fixed);
   }
 };
 
@@ -440,29 +529,46 @@ struct Int4Rows {
   const at::BFloat16 *KR, *VR;
   int64_t d, G, whole;
   std::vector<float> qs, qm;
-  std::vector<int64_t> cached;
+  int64_t cached = -1;
   Int4Rows(const uint8_t* K, const uint8_t* V, const at::Half* KS, const at::Half* KM, const at::Half* VS,
            const at::Half* VM, const at::BFloat16* KR, const at::BFloat16* VR, int64_t d, int64_t G, int64_t whole,
            int64_t rows)
-      : K(K), V(V), KS(KS), KM(KM), VS(VS), VM(VM), KR(KR), VR(VR), d(d), G(G), whole(whole), qs(rows * d),
-        qm(rows), cached(rows, -1) {}
-  float score(int64_t r, const float* q, int64_t t) {
-    if (t >= whole) return dot_row(q, KR + (t % G) * d, d);
-    const int64_t g = t / G;
-    float* qsr = qs.data() + r * d;
-    if (cached[r] != g) {
-      float b = 0.f;
-      for (int64_t c = 0; c < d; ++c) {
-        qsr[c] = q[c] * static_cast<float>(KS[g * d + c]);
-        b += q[c] * static_cast<float>(KM[g * d + c]);
-      }
-      qm[r] = b, cached[r] = g;
-    }
-    return dot_nibbles(qsr, K + t * (d / 2), d) + qm[r];
+      : K(K), V(V), KS(KS), KM(KM), VS(VS), VM(VM), KR(KR), VR(VR), d(d), G(G), whole(whole), qs(rows * d), qm(rows) {}
+  void scores(const float* q, int64_t rows, int64_t t0, int64_t t1, float* s, int64_t stride) {
+    for (int64_t t = t0; t < t1; ++t) score(q, rows, t, s + t - t0, stride);
   }
-  void add_value(float w, int64_t t, float* o) const {
-    if (t >= whole) return axpy_row(w, VR + (t % G) * d, o, d);
-    axpy_nibbles(w * static_cast<float>(VS[t]), w * static_cast<float>(VM[t]), V + t * (d / 2), o, d);
+  void score(const float* q, int64_t rows, int64_t t, float* s, int64_t stride) {
+    if (t >= whole) return dots(q, rows, KR + (t % G) * d, d, s, stride);
+    const int64_t g = t / G;
+    if (cached != g) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float b = 0.f;
+        for (int64_t c = 0; c < d; ++c) {
+          qs[r * d + c] = q[r * d + c] * static_cast<float>(KS[g * d + c]);
+          b += q[r * d + c] * static_cast<float>(KM[g * d + c]);
+        }
+        qm[r] = b;
+      }
+      cached = g;
+    }
+    dots(qs.data(), rows, Nibbles{K + t * (d / 2)}, d, s, stride);
+    for (int64_t r = 0; r < rows; ++r) s[r * stride] += qm[r];
+  }
+  void accumulate(float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, float* o) {
+    const int64_t q1 = std::min(t1, std::max(t0, whole)), n = q1 - t0;  // [t0, q1) quantized, [q1, t1) residual
+    std::vector<float> s(n), m(n);
+    halves_to_floats(VS + t0, n, s.data());
+    halves_to_floats(VM + t0, n, m.data());
+    for (int64_t r = 0; r < rows; ++r) {  // Σ_t w_t · m_t, the minimums' share, on every channel
+      float b = 0.f;
+      for (int64_t i = 0; i < n; ++i) b += w[r * stride + i] * m[i];
+      for (int64_t j = 0; j < d; ++j) o[r * d + j] += b;
+    }
+    scale_rows(w, stride, rows, s.data(), n);
+    ::accumulate(w, stride, rows, t0, q1, [&](int64_t t) { return Nibbles{V + t * (d / 2)}; },
+                 [](int64_t) { return 1.f; }, o, d);
+    ::accumulate(w + q1 - t0, stride, rows, q1, t1, [&](int64_t t) { return VR + (t % G) * d; },
+                 [](int64_t) { return 1.f; }, o, d);
   }
 };
 
@@ -701,10 +807,9 @@ class DecodeStep {
   }
 
   // a_h = softmax(scale · q_h · K̂[first..first+T_len)ᵀ) V̂[first..first+T_len) for every head, K̂ and V̂ read through
-  // rows_of(g) (CodedRows, Int4Rows) for kv head g. Positions are split into one chunk per thread (flash-decoding):
-  // each chunk keeps its own max m, sum l and unnormalised output o per head, merged as
-  // a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c. The query heads that share a key/value head
-  // are served by one pass over its rows.
+  // rows_of(g) (CodedRows, Int4Rows) for kv head g, each cached row read once for the query heads that share it.
+  // Positions are split into one chunk per thread (flash-decoding): each chunk keeps its own max m, sum l and
+  // unnormalised output o per head, merged as a_h = Σ_c e^{m_c − M} o_c / Σ_c e^{m_c − M} l_c with M = max_c m_c.
   template <typename RowsOf>
   void attend(const float* q, int64_t first, int64_t T_len, RowsOf rows_of, float* out) const {
     const int64_t d = d_, H = heads_, group = heads_ / kv_heads_;
@@ -717,12 +822,11 @@ class DecodeStep {
         std::vector<float> s(group * n);
         for (int64_t g = 0; g < kv_heads_; ++g) {
           auto rows = rows_of(g);
-          for (int64_t t = t0; t < t1; ++t)
-            for (int64_t r = 0; r < group; ++r) s[r * n + t - t0] = rows.score(r, q + (g * group + r) * d, t) * scale;
+          rows.scores(q + g * group * d, group, t0, t1, s.data(), n);
           for (int64_t r = 0; r < group; ++r) {
             float* sr = s.data() + r * n;
             float mx = -INFINITY, sum = 0.f;
-            for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sr[t]);
+            for (int64_t t = 0; t < n; ++t) sr[t] *= scale, mx = std::max(mx, sr[t]);
 #pragma omp simd
             for (int64_t t = 0; t < n; ++t) sr[t] = exp_nonpositive(sr[t] - mx);
 #pragma omp simd reduction(+ : sum)
@@ -730,9 +834,7 @@ class DecodeStep {
             m[c * H + g * group + r] = mx;
             l[c * H + g * group + r] = sum;
           }
-          for (int64_t t = t0; t < t1; ++t)
-            for (int64_t r = 0; r < group; ++r)
-              rows.add_value(s[r * n + t - t0], t, o.data() + (c * H + g * group + r) * d);
+          rows.accumulate(s.data(), n, group, t0, t1, o.data() + (c * H + g * group) * d);
         }
       }
     });
