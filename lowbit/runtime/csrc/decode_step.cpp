@@ -309,17 +309,16 @@ inline void dot_rows(const float* q, Row x, int64_t d, float* out, int64_t strid
   for (int r = 0; r < R; ++r) out[r * stride] = dot[r];
 }
 
-// o_r += Σ_{t0 ≤ t < t1} w[r · stride + t − t0] · a(t) · x(t) for the R output rows o_r = o + r·d, x(t) a cached
-// row of d values and a(t) its scale. Column block by column block, the R rows' sums stay in registers over all
+// o_r += Σ_{t0 ≤ t < t1} w[r · stride + t − t0] · x(t) for the R output rows o_r = o + r·d, x(t) a cached
+// row of d values (its scale already folded into w). Column block by column block, the R rows' sums stay in registers over all
 // positions (one store per block, not one per position), each x(t) block loaded once for the R rows.
 #if defined(__AVX512F__)
 constexpr int kBlockVecs = 4;  // R ≤ 4 rows × 4 accumulators + 4 loads within 32 registers
 #else
 constexpr int kBlockVecs = 2;  // within 16
 #endif
-template <int R, typename RowAt, typename ScaleAt>
-inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t t1, RowAt x, ScaleAt a, float* o,
-                            int64_t d) {
+template <int R, typename RowAt>
+inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t t1, RowAt x, float* o, int64_t d) {
   int64_t j0 = 0;
 #if defined(__AVX2__)
   constexpr int64_t B = kBlockVecs * kLanes;
@@ -329,11 +328,10 @@ inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t 
       for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vzero();
     for (int64_t t = t0; t < t1; ++t) {
       const auto row = x(t);
-      const float at = a(t);
       Vec v[kBlockVecs];
       for (int b = 0; b < kBlockVecs; ++b) v[b] = lanes(row, j0 + b * kLanes);
       for (int r = 0; r < R; ++r) {
-        const Vec wr = vset(w[r * stride + t - t0] * at);
+        const Vec wr = vset(w[r * stride + t - t0]);
         for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vfma(wr, v[b], acc[r][b]);
       }
     }
@@ -348,7 +346,7 @@ inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t 
   for (int64_t t = t0; t < t1; ++t) {
     const auto row = x(t);
     for (int r = 0; r < R; ++r) {
-      const float wa = w[r * stride + t - t0] * a(t);
+      const float wa = w[r * stride + t - t0];
       for (int64_t j = j0; j < d; ++j) o[r * d + j] += wa * to_float_at(row, j);
     }
   }
@@ -367,16 +365,16 @@ inline void in_runs(int64_t rows, F f) {
   }
 }
 
-// s[r · stride] = q_r · x for r < rows; o_r += Σ_t w_r(t) · a(t) · x(t).
+// s[r · stride] = q_r · x for r < rows; o_r += Σ_t w_r(t) · x(t).
 template <typename Row>
 inline void dots(const float* q, int64_t rows, Row x, int64_t d, float* s, int64_t stride) {
   in_runs(rows, [&](int64_t r0, auto R) { dot_rows<decltype(R)::value>(q + r0 * d, x, d, s + r0 * stride, stride); });
 }
-template <typename RowAt, typename ScaleAt>
-inline void accumulate(const float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, RowAt x, ScaleAt a,
-                       float* o, int64_t d) {
+template <typename RowAt>
+inline void accumulate(const float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, RowAt x, float* o,
+                       int64_t d) {
   in_runs(rows, [&](int64_t r0, auto R) {
-    accumulate_rows<decltype(R)::value>(w + r0 * stride, stride, t0, t1, x, a, o + r0 * d, d);
+    accumulate_rows<decltype(R)::value>(w + r0 * stride, stride, t0, t1, x, o + r0 * d, d);
   });
 }
 
@@ -509,7 +507,7 @@ struct CodedRows {
   void accumulate(float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, float* o) {
     per_position(VS, vst, t0, t1);
     scale_rows(w, stride, rows, scale.data(), t1 - t0);
-    ::accumulate(w, stride, rows, t0, t1, [&](int64_t t) { return V + t * d; }, [](int64_t) { return 1.f; }, o, d);
+    ::accumulate(w, stride, rows, t0, t1, [&](int64_t t) { return V + t * d; }, o, d);
   }
   void per_position(const at::Half* h, float fixed, int64_t t0, int64_t t1) {
     scale.resize(t1 - t0);
@@ -565,10 +563,8 @@ struct Int4Rows {
       for (int64_t j = 0; j < d; ++j) o[r * d + j] += b;
     }
     scale_rows(w, stride, rows, s.data(), n);
-    ::accumulate(w, stride, rows, t0, q1, [&](int64_t t) { return Nibbles{V + t * (d / 2)}; },
-                 [](int64_t) { return 1.f; }, o, d);
-    ::accumulate(w + q1 - t0, stride, rows, q1, t1, [&](int64_t t) { return VR + (t % G) * d; },
-                 [](int64_t) { return 1.f; }, o, d);
+    ::accumulate(w, stride, rows, t0, q1, [&](int64_t t) { return Nibbles{V + t * (d / 2)}; }, o, d);
+    ::accumulate(w + q1 - t0, stride, rows, q1, t1, [&](int64_t t) { return VR + (t % G) * d; }, o, d);
   }
 };
 
