@@ -33,12 +33,14 @@ def run_json(cmd: list) -> object:
 
 
 def checkpoint(a, calibrated_cache: bool) -> Path:
-    """The W4 g64 GPTQ checkpoint the rows run (made once), or the same with calibrated static fp8 cache scales
-    (``--kv-cache fp8``: the "fp8 static" row; GPTQ is deterministic, so its weights are the same)."""
+    """The W4 g64 checkpoint the rows run (made once), or the same with calibrated static fp8 cache scales
+    (``--kv-cache fp8 --calib``: the "fp8 static" row; RTN and GPTQ are deterministic, so its weights are the
+    same). Every row compares cache formats on the same weights, so the weights' method only sets the baseline."""
     path = a.out / ("w4-g64-kv-fp8" if calibrated_cache else "w4-g64")
+    calib = ["--calib", "shakespeare"] if calibrated_cache or a.method != "rtn" else []
     if not (path / "config.json").exists():
-        run_json(["quantize", a.model, "-o", path, "--method", "gptq", "--bits", "4", "--group-size", "64",
-                  "--calib", "shakespeare", "--overwrite", "--json", *(["--kv-cache", "fp8"] if calibrated_cache else [])])
+        run_json(["quantize", a.model, "-o", path, "--method", a.method, "--bits", "4", "--group-size", "64", *calib,
+                  "--overwrite", "--json", *(["--kv-cache", "fp8"] if calibrated_cache else [])])
     return path
 
 
@@ -64,6 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", type=Path, default=Path("out/kvcache"))
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="how the W4 g64 weights are rounded")
     p.add_argument("--ppl", default="austen")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=16384)
@@ -83,7 +86,7 @@ def print_table(rows: list[dict], a) -> None:
     base = next((r for r in rows if r["format"] == "bf16"), rows[0])
     cpu = base["speed"]["cpu"]
     depths = [d["depth"] for d in base["speed"]["depths"]]
-    print(f"\n{a.model} W4 g64 GPTQ, held-out {a.ppl} ({base['eval']['eval_tokens']} tokens, seqlen {a.seqlen}),"
+    print(f"\n{a.model} W4 g64 {a.method.upper()}, held-out {a.ppl} ({base['eval']['eval_tokens']} tokens, seqlen {a.seqlen}),"
           f" lambada {a.limit} items; CPU {cpu['cpu']} (kernels {cpu['kernel_isa']}, compute {cpu['compute_dtype']},"
           f" {cpu['threads']} threads)")
     head = ["cache", "ppl", "x bf16", "lambada acc", "acc_last", "bytes/token", "x bf16",

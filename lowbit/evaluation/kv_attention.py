@@ -2,7 +2,8 @@
 (:mod:`lowbit.schemes.kv_cache`), so that perplexity and task accuracy measure the cache the runtime runs.
 
 A registered attention function (transformers' ``AttentionInterface``) replaces K and V by what the cache
-reconstructs: bf16-rounded, int8 / fp8 per position and head (fp8 with the attention's calibrated static
+reconstructs: bf16-rounded, int8 / fp8 per position and head (int8 keys per block of 32 channels, read by
+the query quantized as the runtime quantizes it; fp8 with the attention's calibrated static
 ``k_scale`` / ``v_scale`` where the checkpoint has them, as the runtime uses them), or int4 KIVI, where a query at position t reads
 the whole groups of G positions stored by then quantized and the rest in bf16. Each row's positions come from
 ``position_ids`` (0 … S − 1 without them), so windows and rows packed with several requests are grouped as the
@@ -23,6 +24,7 @@ from lowbit.schemes.kv_cache import (
     dequantize_tokens,
     kv_format,
     quantize_asymmetric,
+    quantize_query,
     quantize_tokens,
 )
 
@@ -65,7 +67,10 @@ def kv_cache_attention(module: nn.Module, query, key, value, attention_mask, dro
         key, value = (dequantize_tokens(*quantize_tokens(x, fmt, float(s)), float(s))
                       for x, s in ((key, module.k_scale), (value, module.v_scale)))
     elif fmt.per_token:
-        key, value = (dequantize_tokens(*quantize_tokens(x, fmt)) for x in (key, value))
+        block = fmt.key_block_of(key.shape[-1])
+        key = dequantize_tokens(*quantize_tokens(key, fmt, block=block), block=block)
+        value = dequantize_tokens(*quantize_tokens(value, fmt))
+        query = quantize_query(query, fmt)
     else:
         key, value, mask = _int4(key, value, mask, kwargs.get("position_ids"), fmt.group)
     return sdpa_attention_forward(module, query, key.to(query.dtype), value.to(query.dtype), mask, dropout=dropout,

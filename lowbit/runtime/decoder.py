@@ -44,7 +44,7 @@ from lowbit.runtime.kernels import (
 from lowbit.runtime.native import native_module
 from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
 from lowbit.schemes.grid import QuantizedWeight
-from lowbit.schemes.kv_cache import kv_format
+from lowbit.schemes.kv_cache import kv_format, quantize_query
 
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the codes DecodeStep takes
@@ -242,7 +242,8 @@ class LeanDecoder(nn.Module):
                                  else f"PyTorch loop ({self.step_unavailable})")
         fmt = self.cache.fmt.name
         report["KV cache"] = str(self.k_cache.dtype).removeprefix("torch.") if fmt == "bf16" else (
-            f"{fmt} ({'calibrated static' if self.cache.static else 'dynamic'} scales)" if self.cache.fmt.per_token
+            f"{fmt} ({'calibrated static' if self.cache.static else 'dynamic'} scales"
+            f"{f', keys per {self.cache.key_block} channels' if self.cache.key_block else ''})" if self.cache.fmt.per_token
             else f"{fmt} (keys per channel over {self.cache.fmt.group} positions, values per position)")
         return report
 
@@ -268,13 +269,15 @@ class LeanDecoder(nn.Module):
 
     def _attend(self, i: int, q: torch.Tensor, entries: Entries, start: int) -> torch.Tensor:
         """Attention of q [1, heads, T, d] at positions start … start + T − 1 over the cache ``entries`` each may read
-        (causal, within the block's window, quantized or full precision as the cache format says).
+        (causal, within the block's window, quantized or full precision as the cache format says; the query
+        quantized as it reads int8 keys).
 
         Per chunk of ``ATTENTION_CHUNK`` query rows over only the entries they can see, so that the score matrix
         stays heads × chunk × context and the keys past the causal edge are never multiplied.
         """
         T, window, group = q.shape[2], self.blocks[i].window, self.cache.group
         t = torch.arange(start, start + T)
+        q = quantize_query(q.float(), self.cache.fmt)
         if T == 1:  # float32, as the compiled step computes it
             seen = entries.visible(t, group, window)[0]
             k, v = entries.k[:, seen], entries.v[:, seen]

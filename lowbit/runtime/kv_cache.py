@@ -5,7 +5,8 @@ Buffers (L layers, H key/value heads, N positions, d = head_dim; the 1 is the ba
 
     bf16         k, v                       [L, 1, H, N, d] bfloat16
     int8 / fp8   k, v codes                 [L, 1, H, N, d] int8 / float8_e4m3fn
-                 k_scale, v_scale           [L, 1, H, N] float16, or [L] float32 when static (fp8)
+                 k_scale, v_scale           [L, 1, H, N] float16, or [L] float32 when static (fp8);
+                                            int8's k_scale [L, 1, H, N, d/32] (a scale per block of 32 channels)
     int4         k, v codes, two per byte   [L, 1, H, N, d/2] uint8
                  k_scale, k_min             [L, 1, H, N/G, d] float16 (per channel, per group of G positions)
                  v_scale, v_min             [L, 1, H, N] float16 (per position)
@@ -77,6 +78,7 @@ class KVCache(nn.Module):
         """``dense_dtype``: the bf16 format's storage (float32 where a test compares against float32 exactly)."""
         super().__init__()
         self.fmt, self.max_len, self.head_dim = fmt, max_len, head_dim
+        self.key_block = fmt.key_block_of(head_dim)
         self.static = static_scales is not None
         shape = (layers, 1, kv_heads, max_len, head_dim)
         if fmt.name == "bf16":
@@ -92,7 +94,8 @@ class KVCache(nn.Module):
             self.register_buffer("k_scale", static_scales[0].float().reshape(layers).clone())
             self.register_buffer("v_scale", static_scales[1].float().reshape(layers).clone())
         elif fmt.per_token:
-            self.register_buffer("k_scale", per_position.clone())
+            blocks = (head_dim // self.key_block,) if self.key_block else ()
+            self.register_buffer("k_scale", torch.ones(*per_position.shape, *blocks, dtype=torch.float16))
             self.register_buffer("v_scale", per_position)
         elif fmt.name == "int4":
             G = fmt.group
@@ -118,8 +121,8 @@ class KVCache(nn.Module):
         if self.fmt.name == "bf16":
             self.k[i, 0, :, start:end], self.v[i, 0, :, start:end] = k, v
         elif self.fmt.per_token:
-            for x, codes, scale in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
-                c, s = quantize_tokens(x, self.fmt, float(scale[i]) if self.static else None)
+            for x, codes, scale, block in ((k, self.k, self.k_scale, self.key_block), (v, self.v, self.v_scale, None)):
+                c, s = quantize_tokens(x, self.fmt, float(scale[i]) if self.static else None, block)
                 codes[i, 0, :, start:end] = c
                 if s is not None:
                     scale[i, 0, :, start:end] = s
@@ -157,7 +160,7 @@ class KVCache(nn.Module):
             k = dequantize_tokens(self.k[i, 0, :, :end], None, float(self.k_scale[i]))
             v = dequantize_tokens(self.v[i, 0, :, :end], None, float(self.v_scale[i]))
         else:
-            k = dequantize_tokens(self.k[i, 0, :, :end], self.k_scale[i, 0, :, :end])
+            k = dequantize_tokens(self.k[i, 0, :, :end], self.k_scale[i, 0, :, :end], block=self.key_block)
             v = dequantize_tokens(self.v[i, 0, :, :end], self.v_scale[i, 0, :, :end])
         return Entries(k, v, torch.arange(end), torch.zeros(end, dtype=torch.bool))
 

@@ -3,7 +3,12 @@ runtime's prompt path, its compiled decode step (``csrc/decode_step.cpp``, teste
 evaluation share. x is one head's key or value vector [d] at one position; shapes below are [..., T, d].
 
     bf16   x̂ = bf16(x)
-    int8   per position and head: s = fp16(max_j |x_j| / 127),  c = clamp(round(x / s), −127, 127),  x̂ = s·c
+    int8   values per position and head, keys per position, head and block of 32 channels (llama.cpp's q8_0:
+           a key's few outlier channels then cost only their own block's precision; one scale per head cost Gemma
+           3's perplexity 0.5%): s = fp16(max_j |x_j| / 127) over the row (block),  c = clamp(round(x / s), −127,
+           127),  x̂ = s·c. The query that reads int8 keys is quantized the same way per block with a float32
+           scale, q̂ = s_q·c_q (as llama.cpp converts Q to q8_0 to dot it with q8_0 keys), so that a score is
+           Σ_b s_qb·s_kb·Σ_{j∈b} c_qj·c_kj, an exact integer dot product per block (:func:`quantize_query`).
     fp8    E4M3 per position and head, s = fp16(max_j |x_j| / 448); or one static s per layer for all keys
            (values), compressed-tensors' calibrated ``k_scale`` / ``v_scale``;  c = e4m3(clamp(x / s, ±448)),
            x̂ = s·c
@@ -39,11 +44,18 @@ INT4_LEVELS = 15
 
 @dataclass(frozen=True)
 class KVCacheFormat:
-    """One way of storing keys and values; ``group``: int4's positions per key group (G)."""
+    """One way of storing keys and values; ``group``: int4's positions per key group (G); ``key_block``: channels
+    per key scale (int8), where it divides the head dimension (else one scale per row)."""
 
     name: str
     bits: int
     group: int = 0
+    key_block: int = 0
+
+    def key_block_of(self, head_dim: int) -> Optional[int]:
+        """Channels per key scale for heads of ``head_dim`` (None: one scale per position and head)."""
+        b = self.key_block
+        return b if b and b < head_dim and head_dim % b == 0 else None
 
     @property
     def per_token(self) -> bool:
@@ -57,7 +69,8 @@ class KVCacheFormat:
         if self.name == "bf16":
             per_head = 2 * 2 * d
         elif self.per_token:
-            per_head = 2 * (d + (0 if static else 2))
+            b = self.key_block_of(d)
+            per_head = 2 * d + (0 if static else 2 * (d // b if b else 1) + 2)
         else:  # keys: d/2 code bytes + a scale and a minimum per channel per G positions; values: per position
             per_head = (d / 2 + 4 * d / self.group) + (d / 2 + 4)
         return layers * kv_heads * per_head
@@ -65,7 +78,7 @@ class KVCacheFormat:
 
 FORMATS = {
     "bf16": KVCacheFormat("bf16", 16),
-    "int8": KVCacheFormat("int8", 8),
+    "int8": KVCacheFormat("int8", 8, key_block=32),
     "fp8": KVCacheFormat("fp8", 8),
     "int4": KVCacheFormat("int4", 4, group=64),
 }
@@ -111,27 +124,48 @@ def _fp16_scale(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(SCALE_FLOOR, 65504.0).to(torch.float16)
 
 
-def quantize_tokens(x: torch.Tensor, fmt: KVCacheFormat, static_scale: Optional[float] = None
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """int8 / fp8 codes of x [..., d] (int8 or float8_e4m3fn, same shape) and the fp16 scale per position
-    [...] (None with a static fp8 scale)."""
+def _blocks(x: torch.Tensor, block: Optional[int]) -> torch.Tensor:
+    """x [..., d] as [..., d / block, block] (block None: [..., 1, d])."""
+    return x.unflatten(-1, (-1, block or x.shape[-1]))
+
+
+def quantize_tokens(x: torch.Tensor, fmt: KVCacheFormat, static_scale: Optional[float] = None,
+                    block: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """int8 / fp8 codes of x [..., d] (int8 or float8_e4m3fn, same shape) and the fp16 scale per position [...],
+    or per position and block of ``block`` channels [..., d / block] (None with a static fp8 scale)."""
     q_max = FP8_MAX if fmt.name == "fp8" else float(INT8_MAX)
-    x = x.float()
+    x = _blocks(x.float(), block)
     if static_scale is not None:
         s, s_out = torch.tensor(static_scale, dtype=torch.float32), None
     else:
         s_out = _fp16_scale(x.abs().amax(-1) / q_max)
         s = s_out.float()[..., None]
-    y = x / s
+        s_out = s_out if block else s_out[..., 0]
+    y = (x / s).flatten(-2)
     if fmt.name == "fp8":
         return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s_out
     return y.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), s_out
 
 
-def dequantize_tokens(c: torch.Tensor, s: Optional[torch.Tensor], static_scale: Optional[float] = None) -> torch.Tensor:
-    """x̂ = s·c, float32 [..., d]."""
-    scale = torch.tensor(static_scale, dtype=torch.float32) if s is None else s.float()[..., None]
-    return c.float() * scale
+def dequantize_tokens(c: torch.Tensor, s: Optional[torch.Tensor], static_scale: Optional[float] = None,
+                      block: Optional[int] = None) -> torch.Tensor:
+    """x̂ = s·c, float32 [..., d] (s per position [...], or per position and block [..., d / block])."""
+    if s is None:
+        return c.float() * torch.tensor(static_scale, dtype=torch.float32)
+    return (_blocks(c.float(), block) * (s.float()[..., None] if block else s.float()[..., None, None])).flatten(-2)
+
+
+QUERY_SCALE_FLOOR = 2.0**-126  # float32's smallest normal: an all-zero query block stays zero, not NaN
+
+
+def quantize_query(q: torch.Tensor, fmt: KVCacheFormat) -> torch.Tensor:
+    """The query [..., d] as it reads ``fmt``'s keys: for int8, q̂ = s_q·c_q per block of the keys' channels
+    (s_q = max |q_b| / 127 in float32, c_q = clamp(round(q / s_q), −127, 127)); other formats read q as it is."""
+    if fmt.name != "int8":
+        return q
+    x = _blocks(q.float(), fmt.key_block_of(q.shape[-1]))
+    s = (x.abs().amax(-1, keepdim=True) / INT8_MAX).clamp_min(QUERY_SCALE_FLOOR)
+    return ((x / s).round().clamp(-INT8_MAX, INT8_MAX) * s).flatten(-2).to(q.dtype)
 
 
 def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,8 @@ def _decoder(model, case: str, max_len: int = 192) -> LeanDecoder:
 
 @pytest.fixture(scope="module")
 def llama(tiny_tokenizer):
-    return make_model(len(tiny_tokenizer), hidden=128, intermediate=256)
+    """head_dim 64: int8 keys in two blocks of 32 (the Gemma 3 case below: head_dim 32, one scale a row)."""
+    return make_model(len(tiny_tokenizer), hidden=256, intermediate=256)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3 window 8"])
@@ -83,8 +84,9 @@ def test_the_compiled_step_stores_the_codes_and_scales_python_stores_and_reads_t
             assert float((x.float() - y).abs().max()) <= 0.1 * float(y.abs().max()), name
 
 
-@pytest.mark.parametrize("case", ["int8", "fp8", "fp8 static"])
+@pytest.mark.parametrize("case", ["int8", "int8 keys", "fp8", "fp8 static"])
 def test_the_compiled_cache_stores_exactly_what_quantize_tokens_computes(case):
+    """int8 keys: a scale per block of 32 channels."""
     from lowbit.runtime.native import native_module
     from lowbit.schemes.kv_cache import quantize_tokens
 
@@ -94,12 +96,24 @@ def test_the_compiled_cache_stores_exactly_what_quantize_tokens_computes(case):
     torch.manual_seed(0)
     x = torch.randn(200, 64) * torch.logspace(-6, 3, 200)[:, None]  # down to scales at fp16's floor
     x[7] = 0.0
+    x[9, 40:] = 0.0  # one block of a row all zero
     fmt, static = kv_format(case.split()[0]), (0.05 if case.endswith("static") else None)
-    codes, scales = quantize_tokens(x, fmt, static)
+    block = fmt.key_block_of(64) if case.endswith("keys") else None
+    codes, scales = quantize_tokens(x, fmt, static, block)
     like = torch.empty(0, dtype=codes.dtype)
-    ours, our_scales = module.kv_store_rows(x, like, static or 0.0)
+    ours, our_scales = module.kv_store_rows(x, like, static or 0.0, block or 0)
     assert torch.equal(ours.view(torch.uint8), codes.view(torch.uint8))
     assert (our_scales.numel() == 0) if static else torch.equal(our_scales, scales)
+
+
+def test_the_compiled_step_floors_query_scales_as_quantize_query_does():
+    from lowbit.runtime.native import native_module
+    from lowbit.schemes.kv_cache import QUERY_SCALE_FLOOR
+
+    module = native_module()
+    if module is None:
+        pytest.skip("no native kernels here")
+    assert module.QUERY_SCALE_FLOOR == QUERY_SCALE_FLOOR
 
 
 def test_the_int4_cache_stores_exactly_what_quantize_asymmetric_computes():

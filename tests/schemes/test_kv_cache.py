@@ -11,7 +11,9 @@ from lowbit.schemes.kv_cache import (
     dequantize_tokens,
     kv_format,
     pack_nibbles,
+    QUERY_SCALE_FLOOR,
     quantize_asymmetric,
+    quantize_query,
     quantize_tokens,
     quantized_end,
     unpack_nibbles,
@@ -32,6 +34,37 @@ def test_int8_per_position_is_within_half_a_step_of_its_own_scale():
     assert int(c.abs().amax(-1).min()) >= 126  # the fp16-rounded scale still spends the range
     err = (dequantize_tokens(c, s) - x).abs()
     assert torch.all(err <= s.float()[..., None] / 2 * (1 + 1e-6))
+
+
+def test_int8_keys_per_block_keep_an_outlier_channel_to_its_own_block():
+    x = _heads()
+    fmt = kv_format("int8")
+    block = fmt.key_block_of(64)
+    c, s = quantize_tokens(x, fmt, block=block)
+    assert block == 32 and s.shape == (3, 40, 2) and s.dtype == torch.float16
+    assert float(s[0, 5, 0]) == pytest.approx(300.0 / 127, rel=1e-3)  # the outlier's block (channel 7) …
+    assert float(s[0, 5, 1]) < 0.05 * float(s[0, 5, 0])  # … leaves the other block its own fine scale
+    x_hat = dequantize_tokens(c, s, block=block)
+    assert torch.all((x_hat - x).abs() <= s.float().repeat_interleave(32, -1) / 2 * (1 + 1e-6))
+    assert fmt.key_block_of(24) is None and fmt.key_block_of(32) is None and kv_format("fp8").key_block_of(64) is None
+
+
+def test_a_query_reading_int8_keys_is_quantized_per_block_and_its_scores_are_integer_dots():
+    torch.manual_seed(3)
+    fmt = kv_format("int8")
+    q, k = torch.randn(4, 64) * 3, torch.randn(10, 64)
+    q[1, 32:] = 0.0  # an all-zero block stays zero
+    q_hat = quantize_query(q, fmt)
+    s_q = (q.unflatten(-1, (2, 32)).abs().amax(-1) / 127).clamp_min(QUERY_SCALE_FLOOR)
+    c_q = (q_hat.unflatten(-1, (2, 32)) / s_q[..., None]).round()
+    assert torch.all((q_hat - q).abs() <= s_q.repeat_interleave(32, -1) / 2 * (1 + 1e-6))
+    assert torch.all(q_hat[1, 32:] == 0) and c_q.abs().max() <= 127
+    c_k, s_k = quantize_tokens(k, fmt, block=32)
+    ints = torch.einsum("qbj,kbj->qkb", c_q.double(), c_k.double().unflatten(-1, (2, 32)))
+    scores = (ints * s_q.double()[:, None] * s_k.double()[None]).sum(-1)
+    reads = q_hat.double() @ dequantize_tokens(c_k, s_k, block=32).double().T  # q̂, k̂ rounded to float32
+    torch.testing.assert_close(reads, scores, rtol=1e-5, atol=1e-6)
+    assert quantize_query(q, kv_format("fp8")) is q and quantize_query(q, kv_format("bf16")) is q
 
 
 def test_fp8_dynamic_and_static_keep_e4m3_relative_precision():

@@ -23,7 +23,9 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -241,6 +243,12 @@ inline void store_row(const float* x, at::Float8_e4m3fn* dst, at::Half* scale, f
   const float s = code_scale(x, scale, static_scale, d, 448.f);
   for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<at::Float8_e4m3fn>(std::min(448.f, std::max(-448.f, x[j] / s)));
 }
+// A row of d values as nb blocks of d / nb, each with its own scale scale[b] (nb = 1: store_row).
+template <typename T>
+inline void store_blocks(const float* x, T* dst, at::Half* scale, float static_scale, int64_t d, int64_t nb) {
+  const int64_t B = d / nb;
+  for (int64_t b = 0; b < nb; ++b) store_row(x + b * B, dst + b * B, scale ? scale + b : nullptr, static_scale, B);
+}
 
 // int4 codes two per byte (byte i = c[2i] | c[2i + 1] << 4), read as a row of d values.
 struct Nibbles {
@@ -393,22 +401,61 @@ inline void int4_codes(const at::BFloat16* x, int64_t n, int64_t stride, uint8_t
   *s_out = s, *m_out = m;
 }
 
-// e^x for x ≤ 0 (softmax after subtracting the max), vectorisable: e^x = 2^i · 2^f with x·log2(e) = i + f,
-// f ∈ [0, 1), 2^f by its Taylor polynomial of degree 6 (relative error < 2e-5).
+// e^x for x ≤ 0 (softmax after subtracting the max): e^x = 2^i · 2^f with x·log2(e) = i + f, f ∈ [0, 1), 2^f by
+// its Taylor polynomial of degree 6 (relative error < 2e-5); 8 lanes at a time where there is AVX2, the same steps.
+constexpr float kExpPoly[] = {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f, 2.4022651e-1f,
+                              6.9314718e-1f, 1.f};
 inline float exp_nonpositive(float x) {
   const float t = std::max(x, -87.f) * 1.44269504f;
   const float i = std::floor(t), f = t - i;
-  float p = 1.5403530e-4f;
-  p = p * f + 1.3333558e-3f;
-  p = p * f + 9.6181291e-3f;
-  p = p * f + 5.5504109e-2f;
-  p = p * f + 2.4022651e-1f;
-  p = p * f + 6.9314718e-1f;
-  p = p * f + 1.f;
+  float p = kExpPoly[0];
+  for (int c = 1; c < 7; ++c) p = p * f + kExpPoly[c];
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(i) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+#if defined(__AVX2__)
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(1.44269504f));
+  const __m256 i = _mm256_floor_ps(t), f = _mm256_sub_ps(t, i);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int c = 1; c < 7; ++c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpPoly[c]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(i), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// One query row's softmax numerators in place: s_t ← e^{scale·s_t − m} with m = max_t scale·s_t; returns (m, Σ_t).
+inline std::pair<float, float> softmax_numerators(float* s, int64_t n, float scale) {
+  float mx = -INFINITY, sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX2__)
+  const __m256 k = _mm256_set1_ps(scale);
+  __m256 vmx = _mm256_set1_ps(-INFINITY);
+  for (; t + 8 <= n; t += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), k);
+    _mm256_storeu_ps(s + t, v);
+    vmx = _mm256_max_ps(vmx, v);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+#endif
+  for (; t < n; ++t) s[t] *= scale, mx = std::max(mx, s[t]);
+  t = 0;
+#if defined(__AVX2__)
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+    _mm256_storeu_ps(s + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  sum = lowbit::hsum(vsum);
+#endif
+  for (; t < n; ++t) s[t] = exp_nonpositive(s[t] - mx), sum += s[t];
+  return {mx, sum};
 }
 
 // GELU with the tanh approximation: ½x(1 + tanh(√(2/π)(x + 0.044715x³))).
@@ -426,19 +473,22 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
-// Codes [n, d] in `like`'s dtype and float16 scales [n] of float32 rows x [n, d] as the cache stores them
-// (static_scale > 0: that scale, and no scales returned): what tests compare with quantize_tokens.
-std::tuple<Tensor, Tensor> kv_store_rows(Tensor x, Tensor like, double static_scale) {
+// Codes [n, d] in `like`'s dtype and float16 scales [n, d / block] (block 0: one per row, [n]) of float32 rows
+// x [n, d] as the cache stores them (static_scale > 0: that scale, and no scales returned): what tests compare
+// with quantize_tokens.
+std::tuple<Tensor, Tensor> kv_store_rows(Tensor x, Tensor like, double static_scale, int64_t block) {
   Tensor xf = x.to(at::kFloat).contiguous();
   TORCH_CHECK(xf.dim() == 2, "rows: [n, d]");
-  const int64_t n = xf.size(0), d = xf.size(1);
+  const int64_t n = xf.size(0), d = xf.size(1), B = block > 0 ? block : d, nb = d / B;
+  TORCH_CHECK(d % B == 0 && (B == d || like.scalar_type() == at::kChar), "blocks: int8, dividing d");
   Tensor codes = at::empty({n, d}, like.options());
-  Tensor scales = at::empty({static_scale > 0 ? 0 : n}, at::TensorOptions().dtype(at::kHalf));
+  Tensor scales = at::empty(block > 0 ? std::vector<int64_t>{n, nb} : std::vector<int64_t>{static_scale > 0 ? 0 : n},
+                            at::TensorOptions().dtype(at::kHalf));
   for (int64_t i = 0; i < n; ++i) {
-    at::Half* s = static_scale > 0 ? nullptr : scales.data_ptr<at::Half>() + i;
+    at::Half* s = static_scale > 0 ? nullptr : scales.data_ptr<at::Half>() + i * nb;
     const float* row = xf.data_ptr<float>() + i * d;
     switch (like.scalar_type()) {
-      case at::kChar: store_row(row, codes.data_ptr<int8_t>() + i * d, s, static_cast<float>(static_scale), d); break;
+      case at::kChar: store_blocks(row, codes.data_ptr<int8_t>() + i * d, s, static_cast<float>(static_scale), d, nb); break;
       case at::kFloat8_e4m3fn:
         store_row(row, codes.data_ptr<at::Float8_e4m3fn>() + i * d, s, static_cast<float>(static_scale), d);
         break;
@@ -515,6 +565,83 @@ struct CodedRows {
       halves_to_floats(h + t0, t1 - t0, scale.data());
     else
       std::fill(scale.begin(), scale.end(), fixed);
+  }
+};
+
+// The query as it reads int8 keys, per block of B channels (quantize_query): s_q = max(max_j |q_j| / 127, 2⁻¹²⁶),
+// c_q = clamp(round(q / s_q), −127, 127).
+constexpr float kQueryScaleFloor = 1.17549435e-38f;  // 2⁻¹²⁶, schemes.kv_cache.QUERY_SCALE_FLOOR
+inline void quantize_query(const float* q, int64_t d, int64_t B, int8_t* c, float* s) {
+  for (int64_t b = 0; b < d / B; ++b) {
+    float amax = 0.f;
+    for (int64_t j = b * B; j < (b + 1) * B; ++j) amax = std::max(amax, std::abs(q[j]));
+    s[b] = std::max(amax / 127.f, kQueryScaleFloor);
+    for (int64_t j = b * B; j < (b + 1) * B; ++j)
+      c[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(q[j] / s[b]))));
+  }
+}
+
+// out[r · stride] = Σ_b qs_rb · ks_b · Σ_{j∈b} qc_rj · k_j for R quantized query rows (qc + r·d, scales qs + r·nb) and
+// one int8 key row k of nb blocks (scales ks): each block's sum exact in int32 (AVX2: |k| · sign(q, k) by
+// maddubs, or VNNI's dpbusd; |products| ≤ 127², so maddubs' int16 pair sums never saturate).
+template <int R>
+inline void int8_dot_rows(const int8_t* qc, const float* qs, const int8_t* k, const float* ks, int64_t d, int64_t nb,
+                          float* out, int64_t stride) {
+  const int64_t B = d / nb;
+#if defined(__AVX2__)
+  if (B % 32 == 0) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+      for (int64_t j = b * B; j < (b + 1) * B; j += 32) {
+        const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j));
+        const __m256i ak = _mm256_sign_epi8(kv, kv);
+        for (int r = 0; r < R; ++r) {
+          const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + r * d + j));
+          sum[r] = lowbit::dot_u8s8_acc(sum[r], ak, _mm256_sign_epi8(qv, kv));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(qs[r * nb + b] * ks[b]), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) out[r * stride] = lowbit::hsum(acc[r]);
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r) {
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t sum = 0;
+      for (int64_t j = b * B; j < (b + 1) * B; ++j) sum += static_cast<int32_t>(qc[r * d + j]) * k[j];
+      total += qs[r * nb + b] * ks[b] * static_cast<float>(sum);
+    }
+    out[r * stride] = total;
+  }
+}
+
+// int8 with dynamic scales: keys per block (nb blocks a row) read by the query quantized alike, values as
+// CodedRows reads them.
+struct Int8Rows {
+  CodedRows<int8_t> values;
+  const int8_t* K;
+  const at::Half* KS;
+  int64_t d, nb;
+  std::vector<int8_t> qc;
+  std::vector<float> qs, ks;
+  void scores(const float* q, int64_t rows, int64_t t0, int64_t t1, float* s, int64_t stride) {
+    qc.resize(rows * d), qs.resize(rows * nb), ks.resize((t1 - t0) * nb);
+    for (int64_t r = 0; r < rows; ++r) quantize_query(q + r * d, d, d / nb, qc.data() + r * d, qs.data() + r * nb);
+    halves_to_floats(KS + t0 * nb, (t1 - t0) * nb, ks.data());
+    in_runs(rows, [&](int64_t r0, auto R) {
+      for (int64_t t = t0; t < t1; ++t)
+        int8_dot_rows<decltype(R)::value>(qc.data() + r0 * d, qs.data() + r0 * nb, K + t * d, ks.data() + (t - t0) * nb,
+                                          d, nb, s + r0 * stride + t - t0, stride);
+    });
+  }
+  void accumulate(float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, float* o) {
+    values.accumulate(w, stride, rows, t0, t1, o);
   }
 };
 
@@ -617,15 +744,20 @@ class DecodeStep {
 
   void set_head(ProjectionPtr head) { head_ = head; }
 
-  // int8 / FP8 caches: float16 scales per position [L, 1, kv_heads, max_len], or float32 static ones [L].
+  // int8 / FP8 caches: float16 scales per position [L, 1, kv_heads, max_len] (int8 keys: [..., max_len, d / B], a
+  // scale per block of B channels), or float32 static ones [L].
   void set_cache_scales(Tensor k_scale, Tensor v_scale) {
-    const int64_t layers = k_cache_.size(0);
+    const int64_t layers = k_cache_.size(0), rows = layers * kv_heads_ * max_len_;
     if (k_scale.scalar_type() == at::kHalf) {
       TORCH_CHECK(k_scale.is_contiguous() && v_scale.is_contiguous() && v_scale.scalar_type() == at::kHalf &&
-                      k_scale.numel() == layers * kv_heads_ * max_len_ && v_scale.numel() == k_scale.numel(),
-                  "KV cache scales: contiguous float16 [L, 1, kv_heads, max_len]");
+                      k_scale.numel() % rows == 0 && v_scale.numel() == rows,
+                  "KV cache scales: contiguous float16 [L, 1, kv_heads, max_len] (int8 keys: [..., d / B])");
+      k_blocks_ = k_scale.numel() / rows;
+      TORCH_CHECK(d_ % k_blocks_ == 0 && (k_blocks_ == 1 || k_cache_.scalar_type() == at::kChar),
+                  "key scale blocks: int8, dividing head_dim");
       k_scale_ = k_scale, v_scale_ = v_scale;
     } else {
+      TORCH_CHECK(k_cache_.scalar_type() != at::kChar, "static KV cache scales: fp8 only");
       TORCH_CHECK(k_scale.numel() == layers && v_scale.numel() == layers, "static KV cache scales: one per layer");
       k_static_ = to_floats(k_scale), v_static_ = to_floats(v_scale);
     }
@@ -727,9 +859,9 @@ class DecodeStep {
     for (int64_t j = 0; j < p.out_features(); ++j) h[j] += out_[j];
   }
 
-  // Layer `layer`'s scales per position [kv_heads, max_len] (nullptr: none, or one static scale).
-  at::Half* scales(const Tensor& t, size_t layer) const {
-    return t.defined() ? t.data_ptr<at::Half>() + layer * kv_heads_ * max_len_ : nullptr;
+  // Layer `layer`'s scales, `per` a position [kv_heads, max_len, per] (nullptr: none, or one static scale).
+  at::Half* scales(const Tensor& t, size_t layer, int64_t per) const {
+    return t.defined() ? t.data_ptr<at::Half>() + layer * kv_heads_ * max_len_ * per : nullptr;
   }
 
   void store_and_attend(size_t layer, int64_t position, int64_t first, const float* q, const float* k, const float* v,
@@ -748,18 +880,26 @@ class DecodeStep {
                         float* out) {
     T* kc = k_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
     T* vc = v_cache_.data_ptr<T>() + layer * kv_heads_ * max_len_ * d_;
-    at::Half *ks = scales(k_scale_, layer), *vs = scales(v_scale_, layer);
+    const int64_t kb = k_blocks_;
+    at::Half *ks = scales(k_scale_, layer, kb), *vs = scales(v_scale_, layer, 1);
     const float kst = k_static_.empty() ? 1.f : k_static_[layer], vst = v_static_.empty() ? 1.f : v_static_[layer];
     for (int64_t g = 0; g < kv_heads_; ++g) {
       const int64_t at_pos = g * max_len_ + position;
-      store_row(k + g * d_, kc + at_pos * d_, ks ? ks + at_pos : nullptr, kst, d_);
+      store_blocks(k + g * d_, kc + at_pos * d_, ks ? ks + at_pos * kb : nullptr, kst, d_, kb);
       store_row(v + g * d_, vc + at_pos * d_, vs ? vs + at_pos : nullptr, vst, d_);
     }
-    attend(q, first, position + 1 - first, [&](int64_t g) {
+    auto coded = [&](int64_t g) {
       const int64_t at_head = g * max_len_;
-      return CodedRows<T>{kc + at_head * d_, vc + at_head * d_, ks ? ks + at_head : nullptr,
+      return CodedRows<T>{kc + at_head * d_, vc + at_head * d_, ks ? ks + at_head * kb : nullptr,
                           vs ? vs + at_head : nullptr, kst, vst, d_};
-    }, out);
+    };
+    if constexpr (std::is_same_v<T, int8_t>) {
+      attend(q, first, position + 1 - first, [&](int64_t g) {
+        return Int8Rows{coded(g), kc + g * max_len_ * d_, ks + g * max_len_ * kb, d_, kb};
+      }, out);
+    } else {
+      attend(q, first, position + 1 - first, coded, out);
+    }
   }
 
   // int4: the position goes to the residual (bfloat16, slot position mod G); when it completes its group, the group's
@@ -819,17 +959,8 @@ class DecodeStep {
         for (int64_t g = 0; g < kv_heads_; ++g) {
           auto rows = rows_of(g);
           rows.scores(q + g * group * d, group, t0, t1, s.data(), n);
-          for (int64_t r = 0; r < group; ++r) {
-            float* sr = s.data() + r * n;
-            float mx = -INFINITY, sum = 0.f;
-            for (int64_t t = 0; t < n; ++t) sr[t] *= scale, mx = std::max(mx, sr[t]);
-#pragma omp simd
-            for (int64_t t = 0; t < n; ++t) sr[t] = exp_nonpositive(sr[t] - mx);
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; ++t) sum += sr[t];
-            m[c * H + g * group + r] = mx;
-            l[c * H + g * group + r] = sum;
-          }
+          for (int64_t r = 0; r < group; ++r)
+            std::tie(m[c * H + g * group + r], l[c * H + g * group + r]) = softmax_numerators(s.data() + r * n, n, scale);
           rows.accumulate(s.data(), n, group, t0, t1, o.data() + (c * H + g * group) * d);
         }
       }
@@ -854,6 +985,7 @@ class DecodeStep {
   int64_t activation_;
   Tensor cos_, sin_, k_cache_, v_cache_, k_scale_, v_scale_, k_min_, v_min_, k_residual_, v_residual_;
   int64_t group_ = 0;  // int4: positions per key group
+  int64_t k_blocks_ = 1;  // int8: key scales per position and head
   std::vector<float> k_static_, v_static_;  // empty: no static scales
   std::vector<float> final_norm_;
   std::vector<Block> blocks_;
@@ -875,7 +1007,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &lowbit::dequantize, "the packed weight as a dense [N, K] tensor of the given dtype",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("kv_store_rows", &kv_store_rows, "(codes, float16 scales) of rows as the int8 / FP8 KV cache stores them",
-        pybind11::arg("x"), pybind11::arg("like"), pybind11::arg("static_scale") = 0.0);
+        pybind11::arg("x"), pybind11::arg("like"), pybind11::arg("static_scale") = 0.0, pybind11::arg("block") = 0);
+  m.attr("QUERY_SCALE_FLOOR") = kQueryScaleFloor;
   m.def("kv_int4_rows", &kv_int4_rows, "(packed codes, float16 scales, float16 minimums) of rows as the int4 KV cache"
         " stores keys (per_channel) or values", pybind11::arg("x"), pybind11::arg("per_channel"));
   m.def("int8_pack", &lowbit::int8_pack, "int8 weights [N, K] in the panel layout of int8_gemm");
