@@ -438,9 +438,7 @@ inline std::pair<float, float> softmax_numerators(float* s, int64_t n, float sca
     _mm256_storeu_ps(s + t, v);
     vmx = _mm256_max_ps(vmx, v);
   }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  mx = lowbit::hmax(vmx);
 #endif
   for (; t < n; ++t) s[t] *= scale, mx = std::max(mx, s[t]);
   t = 0;
@@ -624,16 +622,16 @@ inline void int8_dot_rows(const int8_t* qc, const float* qs, const int8_t* k, co
 // int8 with dynamic scales: keys per block (nb blocks a row) read by the query quantized alike, values as
 // CodedRows reads them.
 struct Int8Rows {
-  CodedRows<int8_t> values;
-  const int8_t* K;
-  const at::Half* KS;
-  int64_t d, nb;
+  CodedRows<int8_t> values;  // its K, KS: the keys and their nb scales per position
+  int64_t nb;
   std::vector<int8_t> qc;
   std::vector<float> qs, ks;
   void scores(const float* q, int64_t rows, int64_t t0, int64_t t1, float* s, int64_t stride) {
+    const int8_t* K = values.K;
+    const int64_t d = values.d;
     qc.resize(rows * d), qs.resize(rows * nb), ks.resize((t1 - t0) * nb);
     for (int64_t r = 0; r < rows; ++r) quantize_query(q + r * d, d, d / nb, qc.data() + r * d, qs.data() + r * nb);
-    halves_to_floats(KS + t0 * nb, (t1 - t0) * nb, ks.data());
+    halves_to_floats(values.KS + t0 * nb, (t1 - t0) * nb, ks.data());
     in_runs(rows, [&](int64_t r0, auto R) {
       for (int64_t t = t0; t < t1; ++t)
         int8_dot_rows<decltype(R)::value>(qc.data() + r0 * d, qs.data() + r0 * nb, K + t * d, ks.data() + (t - t0) * nb,
@@ -895,7 +893,7 @@ class DecodeStep {
     };
     if constexpr (std::is_same_v<T, int8_t>) {
       attend(q, first, position + 1 - first, [&](int64_t g) {
-        return Int8Rows{coded(g), kc + g * max_len_ * d_, ks + g * max_len_ * kb, d_, kb};
+        return Int8Rows{coded(g), kb};
       }, out);
     } else {
       attend(q, first, position + 1 - first, coded, out);

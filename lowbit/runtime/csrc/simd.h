@@ -12,6 +12,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// The largest of the eight float lanes of v.
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 // acc + eight int32 sums of four u·s products each, u unsigned and s signed bytes: one VPDPBUSD, or
 // VPMADDUBSW + VPMADDWD, whose int16 pair sums stay exact while 2·|u|·|s| ≤ 32767 (u ≤ 128, |s| ≤ 127).
 inline __m256i dot_u8s8_acc(__m256i acc, __m256i u, __m256i s) {
