@@ -295,67 +295,117 @@ template <typename T>
 inline Vec lanes(const T* p, int64_t j) { return load_row(p + j); }
 #endif
 
-// out[r · stride] = q_r · x for the R query rows q_r = q + r·d that share one cached row x of d values: each
-// lane of x is loaded (and converted) once for all R rows.
-template <int R, typename Row>
-inline void dot_rows(const float* q, Row x, int64_t d, float* out, int64_t stride) {
-  int64_t j = 0;
-  float dot[R] = {};
+// The R query rows q_r = q + r·d that share one cached row x of d values: each lane of x is loaded (and converted)
+// once for all R rows. dot_lanes: q_r · x as the sum of the 8 lanes of part[r] (AVX2); dot_rows: out[r · stride] = q_r · x.
 #if defined(__AVX2__)
+inline __m256 to_eight(__m256 v) { return v; }
+#if defined(__AVX512F__)
+inline __m256 to_eight(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+template <int R, typename Row>
+inline void dot_lanes(const float* q, Row x, int64_t d, __m256* part) {
+  int64_t j = 0;
   Vec acc[R];
   for (int r = 0; r < R; ++r) acc[r] = vzero();
   for (; j + kLanes <= d; j += kLanes) {
     const Vec v = lanes(x, j);
     for (int r = 0; r < R; ++r) acc[r] = vfma(vload(q + r * d + j), v, acc[r]);
   }
-  for (int r = 0; r < R; ++r) dot[r] = vsum(acc[r]);
-#endif
+  float tail[R] = {};
   for (; j < d; ++j) {
+    const float v = to_float_at(x, j);
+    for (int r = 0; r < R; ++r) tail[r] += q[r * d + j] * v;
+  }
+  for (int r = 0; r < R; ++r) part[r] = _mm256_add_ps(to_eight(acc[r]), _mm256_setr_ps(tail[r], 0, 0, 0, 0, 0, 0, 0));
+}
+
+// s[r · stride + t − t0] = Σ lanes of part_r(t) for r < R, t0 ≤ t < t1, where lanes(t, part) writes the R partial
+// vectors of position t: eight positions reduced at once (hsum8).
+template <int R, typename Lanes>
+inline void reduce_by_eight(int64_t t0, int64_t t1, Lanes lanes_at, float* s, int64_t stride) {
+  for (int64_t u = t0; u < t1; u += 8) {
+    const int64_t m = std::min<int64_t>(8, t1 - u);
+    __m256 part[8][R], byrow[R][8];
+    for (int64_t i = 0; i < 8; ++i) {
+      if (i < m) {
+        lanes_at(u + i, part[i]);
+      } else {
+        for (int r = 0; r < R; ++r) part[i][r] = _mm256_setzero_ps();
+      }
+      for (int r = 0; r < R; ++r) byrow[r][i] = part[i][r];
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, lowbit::hsum8(byrow[r]));
+      std::copy(sums, sums + m, s + r * stride + u - t0);
+    }
+  }
+}
+#endif
+
+template <int R, typename Row>
+inline void dot_rows(const float* q, Row x, int64_t d, float* out, int64_t stride) {
+#if defined(__AVX2__)
+  __m256 part[R];
+  dot_lanes<R>(q, x, d, part);
+  for (int r = 0; r < R; ++r) out[r * stride] = lowbit::hsum(part[r]);
+#else
+  float dot[R] = {};
+  for (int64_t j = 0; j < d; ++j) {
     const float v = to_float_at(x, j);
     for (int r = 0; r < R; ++r) dot[r] += q[r * d + j] * v;
   }
   for (int r = 0; r < R; ++r) out[r * stride] = dot[r];
+#endif
 }
 
 // o_r += Σ_{t0 ≤ t < t1} w[r · stride + t − t0] · x(t) for the R output rows o_r = o + r·d, x(t) a cached
-// row of d values (its scale already folded into w). Column block by column block, the R rows' sums stay in registers over all
-// positions (one store per block, not one per position), each x(t) block loaded once for the R rows.
+// row of d values (its scale already folded into w). Positions go in tiles of kTile whose rows stay in L1 while
+// the tile is read once per column block; per column block the R rows' sums stay in registers over the tile's
+// positions (one store per block and tile), each x(t) block loaded once for the R rows.
 #if defined(__AVX512F__)
 constexpr int kBlockVecs = 4;  // R ≤ 4 rows × 4 accumulators + 4 loads within 32 registers
 #else
 constexpr int kBlockVecs = 2;  // within 16
 #endif
+constexpr int64_t kTile = 32;  // 32 rows of d ≤ 256 bfloat16: 16 KB, half of L1
 template <int R, typename RowAt>
 inline void accumulate_rows(const float* w, int64_t stride, int64_t t0, int64_t t1, RowAt x, float* o, int64_t d) {
-  int64_t j0 = 0;
+  int64_t j_tail = 0;
 #if defined(__AVX2__)
   constexpr int64_t B = kBlockVecs * kLanes;
-  for (; j0 + B <= d; j0 += B) {
-    Vec acc[R][kBlockVecs];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vzero();
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto row = x(t);
-      Vec v[kBlockVecs];
-      for (int b = 0; b < kBlockVecs; ++b) v[b] = lanes(row, j0 + b * kLanes);
-      for (int r = 0; r < R; ++r) {
-        const Vec wr = vset(w[r * stride + t - t0]);
-        for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vfma(wr, v[b], acc[r][b]);
+  j_tail = d - d % B;
+  for (int64_t u0 = t0; u0 < t1; u0 += kTile) {
+    const int64_t u1 = std::min(t1, u0 + kTile);
+    for (int64_t j0 = 0; j0 < j_tail; j0 += B) {
+      Vec acc[R][kBlockVecs];
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vzero();
+      for (int64_t t = u0; t < u1; ++t) {
+        const auto row = x(t);
+        Vec v[kBlockVecs];
+        for (int b = 0; b < kBlockVecs; ++b) v[b] = lanes(row, j0 + b * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const Vec wr = vset(w[r * stride + t - t0]);
+          for (int b = 0; b < kBlockVecs; ++b) acc[r][b] = vfma(wr, v[b], acc[r][b]);
+        }
       }
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < kBlockVecs; ++b) {
+          float* out = o + r * d + j0 + b * kLanes;
+          vstore(out, vadd(vload(out), acc[r][b]));
+        }
     }
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < kBlockVecs; ++b) {
-        float* out = o + r * d + j0 + b * kLanes;
-        vstore(out, vadd(vload(out), acc[r][b]));
-      }
   }
 #endif
-  if (j0 == d) return;
+  if (j_tail == d) return;
   for (int64_t t = t0; t < t1; ++t) {
     const auto row = x(t);
     for (int r = 0; r < R; ++r) {
       const float wa = w[r * stride + t - t0];
-      for (int64_t j = j0; j < d; ++j) o[r * d + j] += wa * to_float_at(row, j);
+      for (int64_t j = j_tail; j < d; ++j) o[r * d + j] += wa * to_float_at(row, j);
     }
   }
 }
@@ -373,10 +423,22 @@ inline void in_runs(int64_t rows, F f) {
   }
 }
 
-// s[r · stride] = q_r · x for r < rows; o_r += Σ_t w_r(t) · x(t).
+// s[r · stride] = q_r · x for r < rows; s[r · stride + t − t0] = q_r · x(t) for t0 ≤ t < t1; o_r += Σ_t w_r(t) · x(t).
 template <typename Row>
 inline void dots(const float* q, int64_t rows, Row x, int64_t d, float* s, int64_t stride) {
   in_runs(rows, [&](int64_t r0, auto R) { dot_rows<decltype(R)::value>(q + r0 * d, x, d, s + r0 * stride, stride); });
+}
+template <typename RowAt>
+inline void dots(const float* q, int64_t rows, int64_t t0, int64_t t1, RowAt x, int64_t d, float* s, int64_t stride) {
+#if defined(__AVX2__)
+  in_runs(rows, [&](int64_t r0, auto R) {
+    constexpr int Rn = decltype(R)::value;
+    reduce_by_eight<Rn>(t0, t1, [&](int64_t t, __m256* part) { dot_lanes<Rn>(q + r0 * d, x(t), d, part); },
+                        s + r0 * stride, stride);
+  });
+#else
+  for (int64_t t = t0; t < t1; ++t) dots(q, rows, x(t), d, s + t - t0, stride);
+#endif
 }
 template <typename RowAt>
 inline void accumulate(const float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, RowAt x, float* o,
@@ -548,7 +610,7 @@ struct CodedRows {
   int64_t d;
   std::vector<float> scale;
   void scores(const float* q, int64_t rows, int64_t t0, int64_t t1, float* s, int64_t stride) {
-    for (int64_t t = t0; t < t1; ++t) dots(q, rows, K + t * d, d, s + t - t0, stride);
+    dots(q, rows, t0, t1, [&](int64_t t) { return K + t * d; }, d, s, stride);
     per_position(KS, kst, t0, t1);
     scale_rows(s, stride, rows, scale.data(), t1 - t0);
   }
@@ -580,34 +642,11 @@ inline void quantize_query(const float* q, int64_t d, int64_t B, int8_t* c, floa
 }
 
 // out[r · stride] = Σ_b qs_rb · ks_b · Σ_{j∈b} qc_rj · k_j for R quantized query rows (qc + r·d, scales qs + r·nb) and
-// one int8 key row k of nb blocks (scales ks): each block's sum exact in int32 (AVX2: |k| · sign(q, k) by
-// maddubs, or VNNI's dpbusd; |products| ≤ 127², so maddubs' int16 pair sums never saturate).
+// one int8 key row k of nb blocks (scales ks): each block's sum exact in int32.
 template <int R>
 inline void int8_dot_rows(const int8_t* qc, const float* qs, const int8_t* k, const float* ks, int64_t d, int64_t nb,
                           float* out, int64_t stride) {
   const int64_t B = d / nb;
-#if defined(__AVX2__)
-  if (B % 32 == 0) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      __m256i sum[R];
-      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-      for (int64_t j = b * B; j < (b + 1) * B; j += 32) {
-        const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j));
-        const __m256i ak = _mm256_sign_epi8(kv, kv);
-        for (int r = 0; r < R; ++r) {
-          const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + r * d + j));
-          sum[r] = lowbit::dot_u8s8_acc(sum[r], ak, _mm256_sign_epi8(qv, kv));
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(qs[r * nb + b] * ks[b]), acc[r]);
-    }
-    for (int r = 0; r < R; ++r) out[r * stride] = lowbit::hsum(acc[r]);
-    return;
-  }
-#endif
   for (int r = 0; r < R; ++r) {
     float total = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
@@ -618,6 +657,29 @@ inline void int8_dot_rows(const int8_t* qc, const float* qs, const int8_t* k, co
     out[r * stride] = total;
   }
 }
+#if defined(__AVX2__)
+// The same sums as the 8 lanes of part[r], for blocks of B = d / nb channels, a multiple of 32 (|k| · sign(q, k) by
+// maddubs, or VNNI's dpbusd; |products| ≤ 127², so maddubs' int16 pair sums never saturate).
+template <int R>
+inline void int8_dot_lanes(const int8_t* qc, const float* qs, const int8_t* k, const float* ks, int64_t d, int64_t nb,
+                           int64_t B, __m256* part) {
+  for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+    for (int64_t j = b * B; j < (b + 1) * B; j += 32) {
+      const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j));
+      const __m256i ak = _mm256_sign_epi8(kv, kv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + r * d + j));
+        sum[r] = lowbit::dot_u8s8_acc(sum[r], ak, _mm256_sign_epi8(qv, kv));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      part[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(qs[r * nb + b] * ks[b]), part[r]);
+  }
+}
+#endif
 
 // int8 with dynamic scales: keys per block (nb blocks a row) read by the query quantized alike, values as
 // CodedRows reads them.
@@ -633,9 +695,17 @@ struct Int8Rows {
     for (int64_t r = 0; r < rows; ++r) quantize_query(q + r * d, d, d / nb, qc.data() + r * d, qs.data() + r * nb);
     halves_to_floats(values.KS + t0 * nb, (t1 - t0) * nb, ks.data());
     in_runs(rows, [&](int64_t r0, auto R) {
+      constexpr int Rn = decltype(R)::value;
+      const int8_t* qcr = qc.data() + r0 * d;
+      const float* qsr = qs.data() + r0 * nb;
+#if defined(__AVX2__)
+      if (const int64_t B = d / nb; B % 32 == 0)
+        return reduce_by_eight<Rn>(t0, t1, [&](int64_t t, __m256* part) {
+          int8_dot_lanes<Rn>(qcr, qsr, K + t * d, ks.data() + (t - t0) * nb, d, nb, B, part);
+        }, s + r0 * stride, stride);
+#endif
       for (int64_t t = t0; t < t1; ++t)
-        int8_dot_rows<decltype(R)::value>(qc.data() + r0 * d, qs.data() + r0 * nb, K + t * d, ks.data() + (t - t0) * nb,
-                                          d, nb, s + r0 * stride + t - t0, stride);
+        int8_dot_rows<Rn>(qcr, qsr, K + t * d, ks.data() + (t - t0) * nb, d, nb, s + r0 * stride + t - t0, stride);
     });
   }
   void accumulate(float* w, int64_t stride, int64_t rows, int64_t t0, int64_t t1, float* o) {
