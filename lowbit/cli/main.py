@@ -253,7 +253,7 @@ def evaluate(
 
 
 def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache=None,
-              exact_context=None):
+              exact_context=None, max_batch=1):
     from lowbit.runtime.llm import LLM
 
     _quiet_transformers()
@@ -267,8 +267,8 @@ def _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle
         trust_remote_code=trust_remote_code,
         kv_cache=kv_cache,
         exact_context=exact_context,
+        max_batch=max_batch,
     )
-
 
 
 
@@ -304,6 +304,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback unless told otherwise)"),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
+    max_body_mb: int = typer.Option(8, min=1, help="larger request bodies get a 413"),
+    max_batch: int = typer.Option(8, min=1, help="requests decoded together (each holds a KV cache of"
+                                  " --max-model-len); more wait their turn"),
     served_model_name: Optional[str] = typer.Option(None, help="model id clients use (default: MODEL)"),
     quantization: Quantization = None,
     max_model_len: MaxModelLen = 2048,
@@ -318,10 +321,29 @@ def serve(
 
     from lowbit.serving.app import create_app
 
-    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache)
+    listening = _bind(host, port)  # a taken port is refused before the model loads
+    llm = _load_llm(model, quantization, max_model_len, lm_head, threads, allow_pickle, trust_remote_code, kv_cache,
+                    max_batch=max_batch)
     name = served_model_name or model
-    print(f"serving {name} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
+    print(f"serving {name} on http://{host}:{port}/v1 (up to {llm.max_batch} requests decoded together)", file=sys.stderr,
+          flush=True)
+    config = uvicorn.Config(create_app(llm, name, api_key, max_body_mb << 20), log_level="warning")
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def _bind(host: str, port: int):
+    """A listening socket on (host, port), or a one-line error."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+        listening.listen(2048)
+    except OSError as exc:
+        raise LowbitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listening
 
 
 @app.command()

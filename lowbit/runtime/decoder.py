@@ -132,12 +132,14 @@ class LeanDecoder(nn.Module):
         consume: bool = False,
         kv_cache: str = "bf16",
         kv_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        slots: int = 1,
     ):
         """``dtype``: compute dtype (default: what this CPU computes natively). ``kv_cache``: how K and V are
         stored (:mod:`lowbit.schemes.kv_cache`: bf16, int8, fp8, int4); bf16 by default on every CPU (half the
         bytes a decode step reads at depth, as llama.cpp's f16 cache), ``cache_dtype`` its storage dtype (float32
         for exact comparisons); ``kv_scales``: fp8's calibrated per-layer (k_scale, v_scale) [L] each, else
-        dynamic scales per position. ``consume``: take ``hf_model``'s layers
+        dynamic scales per position. ``slots``: how many sequences the cache holds at once (batched decoding,
+        :meth:`decode_batch`; each costs a full cache). ``consume``: take ``hf_model``'s layers
         apart while building (each one's tensors freed once its fused copy exists), so that the load never
         holds the model twice; ``hf_model`` cannot run afterwards."""
         super().__init__()
@@ -189,7 +191,7 @@ class LeanDecoder(nn.Module):
         self.register_buffer("cos", torch.stack([cos[0].float() for cos, _ in tables]))  # [kinds, max_len, d]
         self.register_buffer("sin", torch.stack([sin[0].float() for _, sin in tables]))
         self.cache = KVCache(kv_format(kv_cache), len(self.blocks), self.kv_heads, max_len, self.head_dim, kv_scales,
-                             dense_dtype=cache_dtype)
+                             dense_dtype=cache_dtype, slots=slots)
         self.step_unavailable = unavailable_reason() if self.dtype in (torch.float32, torch.bfloat16) else (
             f"compute dtype {self.dtype}")
         if not self.step_unavailable and kv_cache == "int4" and self.head_dim % 2:
@@ -311,13 +313,40 @@ class LeanDecoder(nn.Module):
     def _act(self, gate: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
 
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
-        """Logits for ``ids`` [1, T] placed at positions start … start + T − 1 (earlier ones cached)."""
+    def decode_batch(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits [B, V] for B sequences' next tokens, sequence b's ``tokens[b]`` at ``positions[b]`` of its own cache
+        slot ``slots[b]``: one compiled step for all (each weight read once), or, without the compiled step, one
+        PyTorch step per sequence (the result is the same; ``batched`` says which)."""
+        if any(p >= self.max_len for p in positions):
+            raise ValueError(f"a position beyond the context of {self.max_len}")
+        if self.step is None:
+            return torch.cat([self.forward(torch.tensor([[t]]), p, slot=s)[0] for t, p, s in zip(tokens, positions, slots)])
+        ids = torch.tensor(tokens)
+        rows = None if self.quantized_embed is None else self._embed(ids[None])[0].float()
+        return self.step.forward_batch(ids, torch.tensor(positions), torch.tensor(slots), rows)
+
+    @property
+    def batched(self) -> bool:
+        """Whether :meth:`decode_batch` runs the sequences as one batch."""
+        return self.step is not None
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, start: int, last_only: bool = True, slot: int = 0) -> torch.Tensor:
+        """Logits for ``ids`` [1, T] placed at positions start … start + T − 1 of cache slot ``slot`` (earlier ones
+        cached)."""
         T = ids.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.max_len}")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"cache slot {slot} of {self.slots}")
         if T == 1 and self.step is not None:
+            if slot:
+                return self.decode_batch([int(ids[0, 0])], [start], [slot])[None]
             row = None if self.quantized_embed is None else self._embed(ids)[0, 0].float()
             return self.step.forward(int(ids[0, 0]), start, row)[None]
         h = self._embed(ids) * self.embed_scale
@@ -331,7 +360,7 @@ class LeanDecoder(nn.Module):
             if b.q_norm is not None:
                 q, k = self._rms(q, b.q_norm), self._rms(k, b.k_norm)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            entries = self.cache.update(i, start, k[0], v[0])
+            entries = self.cache.update(i, start, k[0], v[0], slot)
             a = b.o(self._attend(i, q, entries, start).transpose(1, 2).reshape(1, T, -1))
             h = h + (a if b.post_attn is None else self._rms(a, b.post_attn))
             x = self._rms(h, b.norm_mlp)

@@ -19,7 +19,8 @@ from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import fallback_notice
 from lowbit.runtime.kv_cache import calibrated_scales
 from lowbit.runtime.onthefly import ON_THE_FLY, quantizer_for
-from lowbit.runtime.sampling import SamplingParams, sample
+from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.sequence import Sequence, Step
 from lowbit.schemes.kv_cache import kv_format
 
 
@@ -48,6 +49,8 @@ class LLM:
     bf16; "fp8" on such a checkpoint uses its static scales, and any other format overrides them. Llama-style families run on lowbit's lean decoder; others on transformers'
     forward. A ``max_model_len`` beyond the model's positions is clamped to them with a notice, or, given
     ``exact_context`` (what needs it, for the message), refused. ``notices`` holds the lines (also printed to stderr) naming any slower path taken.
+    ``max_batch``: how many sequences may decode together (:attr:`max_batch`; the server's batching), each with
+    its own KV cache slot allocated up front.
     """
 
     def __init__(
@@ -61,11 +64,14 @@ class LLM:
         trust_remote_code: bool = False,
         kv_cache: Optional[str] = None,
         exact_context: Optional[str] = None,
+        max_batch: int = 1,
     ):
         if kv_cache is not None:
             kv_format(kv_cache)  # an unknown cache format is refused before the model loads
         if quantization is not None and quantization not in ON_THE_FLY:
             raise LowbitError(f"quantization {quantization!r} is not supported; choose one of {', '.join(ON_THE_FLY)}")
+        if max_batch < 1:
+            raise LowbitError(f"max_batch must be at least 1, got {max_batch}")
         if lm_head not in ("int8", "dense", "bf16"):
             raise LowbitError(f"lm_head must be 'int8' or 'dense', got {lm_head!r}")
         forced_isa()  # an unknown LOWBIT_ISA is refused before the model loads
@@ -94,7 +100,7 @@ class LLM:
         with lean_loading():
             if LeanDecoder.supports(hf_model):
                 self.decoder = LeanDecoder(hf_model, self.max_model_len, body, head, consume=True,
-                                           kv_cache=self.kv_cache, kv_scales=scales)
+                                           kv_cache=self.kv_cache, kv_scales=scales, slots=max_batch)
             elif self.kv_cache != "bf16":
                 raise LowbitError(f"a {self.kv_cache} KV cache needs lowbit's lean decoder, which does not take"
                                   f" {hf_model.config.model_type}; drop --kv-cache")
@@ -102,6 +108,8 @@ class LLM:
                 self.decoder = HFDecoder(hf_model, self.max_model_len, body)
             del hf_model
         release_freed_memory()
+        self.asked_batch = max_batch
+        self.max_batch = max_batch if isinstance(self.decoder, LeanDecoder) else 1
         self.tokenizer = load_tokenizer()  # after the build's temporaries: they and Gemma's 0.3 GB would add up
         self.notices = self._notices()
         for line in self.notices:
@@ -121,6 +129,10 @@ class LLM:
         if getattr(self.decoder, "step_unavailable", None):
             lines.append(f"lowbit: the compiled decode step is unavailable ({self.decoder.step_unavailable}); decode"
                          " runs the PyTorch loop, several times slower")
+        if self.asked_batch > 1 and self.max_batch == 1:
+            lines.append("lowbit: batched decoding needs lowbit's lean decoder; requests decode one at a time")
+        elif self.max_batch > 1 and not self.decoder.batched:
+            lines.append("lowbit: without the compiled decode step a batch decodes one PyTorch step per sequence")
         if self._clamped:
             lines.append(self._clamped)
         if self._kv_override:
@@ -175,35 +187,25 @@ class LLM:
 
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, Optional[str]]]:
         """Yield (text delta, finish reason or None) as tokens are generated; the last item has the reason."""
+        for step in self.stream_steps(prompt_ids, params):
+            yield step.delta, step.finish
+
+    def stream_steps(self, prompt_ids: list[int], params: SamplingParams,
+                     top_logprobs: Optional[int] = None) -> Iterator[Step]:
+        """One :class:`Step` per generated token (text held back while a stop string may still match; logprobs
+        when ``top_logprobs`` is not None); the last has the finish reason."""
         if not prompt_ids:
             raise LowbitError("the prompt is empty")
         self.check_length(len(prompt_ids), params.max_tokens)
-        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        sequence = Sequence(self.tokenizer, params, self.eos_ids, top_logprobs)
         logits = self.decoder(torch.tensor([prompt_ids]), 0)[0, -1]
         position = len(prompt_ids)
-        generated: list[int] = []
-        text = ""
-        for _ in range(params.max_tokens):
-            token = sample(logits, params, generator)
-            if token in self.eos_ids and not params.ignore_eos:
-                yield "", "stop"
+        while True:
+            step = sequence.advance(logits)
+            yield step
+            if step.finish:
                 return
-            generated.append(token)
-            full = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                delta = ""
-            else:
-                delta, text = full[len(text) :], full
-            hit = next((s for s in params.stop if s in text), None)
-            if hit is not None:
-                cut = text.index(hit)
-                yield delta[: max(0, len(delta) - (len(text) - cut))], "stop"
-                return
-            if len(generated) == params.max_tokens:
-                yield delta, "length"
-                return
-            yield delta, None
-            logits = self.decoder(torch.tensor([[token]]), position)[0, -1]
+            logits = self.decoder(torch.tensor([[step.token]]), position)[0, -1]
             position += 1
 
     def _run(self, prompt: str, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:

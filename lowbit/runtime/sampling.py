@@ -21,6 +21,8 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -31,12 +33,27 @@ class SamplingParams:
             raise LowbitError(f"temperature must be ≥ 0, got {self.temperature}")
         if self.top_k < 0:
             raise LowbitError(f"top_k must be ≥ 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise LowbitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise LowbitError(f"top_p must be in [0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise LowbitError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties on logits [vocab]: l_j − c_j · frequency_penalty − [c_j > 0] · presence_penalty, with c_j
+    how often token j was generated so far (counts [vocab])."""
+    if not params.penalized:
+        return logits
+    return logits - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """One token id from logits [vocab] (float32)."""
+    """One token id from logits [vocab] (float32); ``top_p`` = 0 keeps only the most likely token."""
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits / params.temperature

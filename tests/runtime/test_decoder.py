@@ -239,3 +239,41 @@ def test_every_family_the_lean_decoder_claims_computes_as_transformers_does(mode
         ref = model(input_ids=ids).logits[0]
     decoder = LeanDecoder(model, max_len=64, dtype=torch.float32, cache_dtype=torch.float32)
     torch.testing.assert_close(decoder(ids, 0, last_only=False)[0], ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("kv_cache", ["bf16", "int8", "fp8", "int4"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_batch_decodes_each_sequence_as_it_would_alone(quantized_model, kv_cache, compiled):
+    """Sequences at different depths in their own cache slots, decoded by one batched step each token: each gets
+    the logits it gets decoding alone, so batching never changes a request's text (int4: past a whole group)."""
+    alone = LeanDecoder(quantized_model, max_len=96, kv_cache=kv_cache)
+    batch = LeanDecoder(quantized_model, max_len=96, kv_cache=kv_cache, slots=3)
+    if compiled and batch.step is None:
+        pytest.skip("lowbit's native code cannot be built on this machine")
+    if not compiled:
+        alone.step = batch.step = None
+    g = torch.Generator().manual_seed(0)
+    V, steps, slots = quantized_model.config.vocab_size, 4, [2, 0, 1]
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (5, 40, 17)]
+    following = [torch.randint(0, V, (steps,), generator=g) for _ in prompts]
+    expected = []
+    for prompt, nxt in zip(prompts, following):
+        alone(prompt, 0)
+        n = prompt.shape[1]
+        expected.append(torch.stack([alone(nxt[i : i + 1][None], n + i)[0, -1] for i in range(steps)]))
+    for prompt, slot in zip(prompts, slots):
+        batch(prompt, 0, slot=slot)
+    rows = [batch.decode_batch([int(nxt[i]) for nxt in following], [p.shape[1] + i for p in prompts], slots)
+            for i in range(steps)]
+    for b, want in enumerate(expected):
+        got = torch.stack([r[b] for r in rows])
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_cache_slots_are_checked(quantized_model):
+    decoder = LeanDecoder(quantized_model, max_len=32, slots=2)
+    with pytest.raises(ValueError, match="slot 2 of 2"):
+        decoder(torch.tensor([[1, 2]]), 0, slot=2)
+    if decoder.step is not None:
+        with pytest.raises(RuntimeError, match="two sequences in one cache slot"):
+            decoder.decode_batch([1, 2], [0, 0], [1, 1])

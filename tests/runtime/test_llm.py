@@ -16,7 +16,8 @@ def test_sampling_filters():
     assert picks == {1}
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5),
+                                    dict(top_k=-1), dict(presence_penalty=2.5)])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(LowbitError):
         SamplingParams(**kwargs)
@@ -44,6 +45,21 @@ def test_stop_strings_cut_the_text(llm):
     stop = free.strip()[:2]
     out = llm.generate("a single", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop" and stop not in out.text
+
+
+def test_a_stop_string_spanning_tokens_never_leaks_a_prefix(llm):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    free = llm.generate("a single", params)[0].text
+    pieces = [d for d, _ in llm.stream_ids(llm.encode("a single"), params)]
+    cuts = [len("".join(pieces[:i])) for i in range(1, len(pieces))]
+    start = next(c for c in cuts if 0 < c < len(free) - 4)  # a stop string that begins where a token does
+    stop = free[start : start + 4] + "\u2603"  # ... and never matches: its first 4 characters are held back, then shown
+    params.stop = [free[start : start + 4]]
+    deltas = [d for d, _ in llm.stream_ids(llm.encode("a single"), params)]
+    assert "".join(deltas) == free[: free.index(params.stop[0])]
+    params.stop = [stop]
+    deltas = [d for d, _ in llm.stream_ids(llm.encode("a single"), params)]
+    assert "".join(deltas) == free
 
 
 def test_too_long_prompt_is_refused(llm):
@@ -91,3 +107,19 @@ def test_a_context_beyond_the_model_s_positions_is_clamped_with_a_notice_or_refu
     assert "lowbit: a context of 1000 is beyond the model's 256 positions; using 256" in llm.notices
     with pytest.raises(LowbitError, match="a long test needs a context of 1000 tokens, beyond the model's 256"):
         LLM(str(tiny_model_dir), max_model_len=1000, exact_context="a long test")
+
+
+def test_penalties_follow_openai_formula():
+    from lowbit.runtime.sampling import penalize
+
+    logits, counts = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 3.0])
+    out = penalize(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), counts)
+    assert torch.allclose(out, torch.tensor([1.0, 1.0 - 0.25 - 0.5, 1.0 - 0.75 - 0.5]))
+
+
+def test_a_frequency_penalty_stops_greedy_repetition(llm):
+    plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    penalized = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=2.0)
+    ids = lambda params: llm.generate("a single", params)[0].token_ids  # noqa: E731
+    distinct = lambda tokens: len(set(tokens)) / len(tokens)  # noqa: E731
+    assert distinct(ids(penalized)) > distinct(ids(plain))

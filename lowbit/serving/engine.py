@@ -1,0 +1,184 @@
+"""How the server runs generations: requests come in as (prompt ids, sampling parameters) and go out as
+asynchronous streams of :class:`~lowbit.runtime.sequence.Step`.
+
+``BatchEngine`` decodes up to ``max_batch`` requests together (continuous batching); ``SerialEngine`` runs one
+generation at a time on a worker thread, in arrival order, for models whose decoder holds one sequence. In
+both, a consumer that stops reading (a client gone, streaming or not) cancels its generation at the next token,
+and a request still waiting for its turn leaves the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+import torch
+
+from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.sequence import Sequence, Step
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class SerialEngine:
+    def __init__(self, llm):
+        self.llm = llm
+        self.turn = asyncio.Lock()  # FIFO among waiting requests
+        self.model = threading.Lock()  # the model and its KV cache, held by the worker even after a cancel
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       top_logprobs: Optional[int] = None) -> AsyncIterator[Step]:
+        """The steps of one generation; closing the iterator early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                with self.model:
+                    for step in self.llm.stream_steps(prompt_ids, params, top_logprobs):
+                        if cancel.is_set():
+                            raise _Cancelled
+                        loop.call_soon_threadsafe(queue.put_nowait, step)
+            except _Cancelled:
+                pass
+            except Exception as exc:  # handed to the consumer, which reports it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        async with self.turn:
+            worker = loop.run_in_executor(None, produce)
+            try:
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+            finally:
+                cancel.set()
+                await worker
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    top_logprobs: Optional[int]
+    emit: Callable[[object], None]  # a Step, an Exception, or None at the end
+    cancel: threading.Event
+
+
+@dataclass
+class _Running:
+    request: _Request
+    sequence: Sequence
+    slot: int
+    position: int  # where the next token goes
+    token: int  # the token to feed at ``position``
+
+
+class BatchEngine:
+    """Continuous batching: up to ``llm.max_batch`` generations decode together, one batched decode step per
+    token (each projection's weights read once for all of them), each in its own KV cache slot with its own
+    sampling parameters and stop strings. A request joins at the next step (its prompt prefilled alone, in its
+    slot), leaves when it finishes or its client goes, and frees its slot; requests beyond ``max_batch`` wait in
+    arrival order. One scheduler thread owns the model."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.waiting: queue.Queue[_Request] = queue.Queue()
+        self.free = list(range(llm.max_batch - 1, -1, -1))
+        self.scheduler = threading.Thread(target=self._schedule, name="lowbit-batch", daemon=True)
+        self.scheduler.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       top_logprobs: Optional[int] = None) -> AsyncIterator[Step]:
+        """The steps of one generation; closing the iterator early cancels it at the next step."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        self.waiting.put(_Request(prompt_ids, params, top_logprobs,
+                                  lambda item: loop.call_soon_threadsafe(out.put_nowait, item), cancel))
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+
+    def _schedule(self) -> None:
+        running: list[_Running] = []
+        while True:
+            running = [r for r in running if not self._dropped(r)]
+            while self.free:  # admit: block only when nothing runs
+                try:
+                    request = self.waiting.get(block=not running)
+                except queue.Empty:
+                    break
+                joined = self._admit(request)
+                if joined is not None:
+                    running.append(joined)
+            if running:
+                running = self._step(running)
+
+    def _dropped(self, r: _Running) -> bool:
+        if r.request.cancel.is_set():
+            self._leave(r.request, r.slot)
+            return True
+        return False
+
+    def _admit(self, request: _Request) -> Optional[_Running]:
+        """Prefill the request's prompt into a free slot and emit its first step; None when it is already done."""
+        if request.cancel.is_set():
+            request.emit(None)
+            return None
+        slot = self.free.pop()
+        try:
+            self.llm.check_length(len(request.prompt_ids), request.params.max_tokens)
+            sequence = Sequence(self.llm.tokenizer, request.params, self.llm.eos_ids, request.top_logprobs)
+            logits = self.llm.decoder(torch.tensor([request.prompt_ids]), 0, slot=slot)[0, -1]
+            step = sequence.advance(logits)
+        except Exception as exc:  # handed to the request, which reports it; the others go on
+            request.emit(exc)
+            self._leave(request, slot)
+            return None
+        request.emit(step)
+        if step.finish:
+            self._leave(request, slot)
+            return None
+        return _Running(request, sequence, slot, len(request.prompt_ids), step.token)
+
+    def _step(self, running: list[_Running]) -> list[_Running]:
+        """One batched decode step for every running sequence; returns those still running."""
+        try:
+            logits = self.llm.decoder.decode_batch([r.token for r in running], [r.position for r in running],
+                                                   [r.slot for r in running])
+        except Exception as exc:
+            for r in running:
+                r.request.emit(exc)
+                self._leave(r.request, r.slot)
+            return []
+        still = []
+        for r, row in zip(running, logits):
+            step = r.sequence.advance(row)
+            r.request.emit(step)
+            if step.finish:
+                self._leave(r.request, r.slot)
+            else:
+                r.position, r.token = r.position + 1, step.token
+                still.append(r)
+        return still
+
+    def _leave(self, request: _Request, slot: int) -> None:
+        request.emit(None)
+        self.free.append(slot)
+
+
+def engine_for(llm):
+    """The batching engine where the model can hold several sequences, else one generation at a time."""
+    return BatchEngine(llm) if getattr(llm, "max_batch", 1) > 1 else SerialEngine(llm)
