@@ -23,6 +23,7 @@ from lowbit.runtime.layout import compile_definitions
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("qgemv.cpp", "int8_gemm.cpp", "decode_step.cpp")
 _failures: dict[str, str] = {}
+STALE_LOCK_S = 15 * 60  # a build takes about 2 minutes on 2 cores; a lock this old was left by a killed one
 
 
 def build_failure(isa: str) -> Optional[str]:
@@ -47,6 +48,7 @@ def native_module(isa: Optional[str] = None) -> Optional[object]:
 
         build = cache_dir("extensions", f"native-{isa}")
         build.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build / "lock")
         return load(
             name=f"lowbit_native_{isa}",
             sources=[str(CSRC / name) for name in SOURCES],
@@ -62,3 +64,18 @@ def native_module(isa: Optional[str] = None) -> Optional[object]:
         print(f"lowbit: could not build its {isa} kernels ({_failures[isa]}); quantized layers are held"
               " dequantized and decode runs the PyTorch loop (several times slower)", file=sys.stderr)
         return None
+
+
+def clear_stale_lock(lock: Path) -> None:
+    """Remove a build lock older than ``STALE_LOCK_S``: torch waits on it forever once the build holding it was
+    killed (Ctrl-C during the first build), which would leave every later run hanging without a word."""
+    import time
+
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        print(f"lowbit: removed a build lock {age / 60:.0f} minutes old ({lock}), left by an interrupted build",
+              file=sys.stderr)

@@ -25,6 +25,14 @@ class _Cancelled(Exception):
     pass
 
 
+async def _received(items: asyncio.Queue) -> AsyncIterator[Step]:
+    """The steps a worker puts in ``items`` until its None; an exception it puts is raised here."""
+    while (item := await items.get()) is not None:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
 class SerialEngine:
     def __init__(self, llm):
         self.llm = llm
@@ -54,10 +62,8 @@ class SerialEngine:
         async with self.turn:
             worker = loop.run_in_executor(None, produce)
             try:
-                while (item := await queue.get()) is not None:
-                    if isinstance(item, Exception):
-                        raise item
-                    yield item
+                async for step in _received(queue):
+                    yield step
             finally:
                 cancel.set()
                 await worker
@@ -104,10 +110,8 @@ class BatchEngine:
         self.waiting.put(_Request(prompt_ids, params, top_logprobs,
                                   lambda item: loop.call_soon_threadsafe(out.put_nowait, item), cancel))
         try:
-            while (item := await out.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
+            async for step in _received(out):
+                yield step
         finally:
             cancel.set()
 

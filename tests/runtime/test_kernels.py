@@ -163,3 +163,19 @@ def test_fp8_weights_run_upcast_and_say_it_is_for_accuracy():
     assert isinstance(layer, Fp8Linear) and layer.weight.dtype == torch.float8_e4m3fn
     assert "no FP8 arithmetic on CPU" in layer.fallback
     torch.testing.assert_close(layer(x), x @ qw.dequantize(torch.float32).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, capsys):
+    import os
+    import time
+
+    from lowbit.runtime.native import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    clear_stale_lock(lock)
+    assert lock.exists()  # a build may be running
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    clear_stale_lock(lock)
+    assert not lock.exists() and "interrupted build" in capsys.readouterr().err
