@@ -47,8 +47,6 @@ class SamplingParams:
 def penalize(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor) -> torch.Tensor:
     """OpenAI's penalties on logits [vocab]: l_j − c_j · frequency_penalty − [c_j > 0] · presence_penalty, with c_j
     how often token j was generated so far (counts [vocab])."""
-    if not params.penalized:
-        return logits
     return logits - counts * params.frequency_penalty - (counts > 0).float() * params.presence_penalty
 
 

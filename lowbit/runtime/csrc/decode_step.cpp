@@ -333,14 +333,15 @@ template <int R, typename Lanes>
 inline void reduce_by_eight(int64_t t0, int64_t t1, Lanes lanes_at, float* s, int64_t stride) {
   for (int64_t u = t0; u < t1; u += 8) {
     const int64_t m = std::min<int64_t>(8, t1 - u);
-    __m256 part[8][R], byrow[R][8];
+    __m256 byrow[R][8];
     for (int64_t i = 0; i < 8; ++i) {
+      __m256 part[R];
       if (i < m) {
-        lanes_at(u + i, part[i]);
+        lanes_at(u + i, part);
       } else {
-        for (int r = 0; r < R; ++r) part[i][r] = _mm256_setzero_ps();
+        for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
       }
-      for (int r = 0; r < R; ++r) byrow[r][i] = part[i][r];
+      for (int r = 0; r < R; ++r) byrow[r][i] = part[r];
     }
     for (int r = 0; r < R; ++r) {
       alignas(32) float sums[8];
@@ -842,16 +843,16 @@ class DecodeStep {
   // int4 caches: keys' float16 scales and minimums [L, S, kv_heads, ⌈max_len / G⌉, d], values' [L, S, kv_heads,
   // max_len], and the bfloat16 residuals [L, S, kv_heads, G, d] of the incomplete group.
   void set_int4_cache(Tensor k_scale, Tensor k_min, Tensor v_scale, Tensor v_min, Tensor k_residual, Tensor v_residual) {
-    const int64_t layers = k_cache_.size(0) * slots_, G = k_residual.size(3), groups = (max_len_ + G - 1) / G;
+    const int64_t blocks = k_cache_.size(0) * slots_, G = k_residual.size(3), groups = (max_len_ + G - 1) / G;
     TORCH_CHECK(k_cache_.scalar_type() == at::kByte && d_ % 2 == 0, "an int4 cache holds uint8 code pairs");
     for (const Tensor* t : {&k_scale, &k_min, &v_scale, &v_min})
       TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "int4 scales and minimums: contiguous float16");
-    TORCH_CHECK(k_scale.numel() == layers * kv_heads_ * groups * d_ && k_min.numel() == k_scale.numel() &&
-                    v_scale.numel() == layers * kv_heads_ * max_len_ && v_min.numel() == v_scale.numel(),
+    TORCH_CHECK(k_scale.numel() == blocks * kv_heads_ * groups * d_ && k_min.numel() == k_scale.numel() &&
+                    v_scale.numel() == blocks * kv_heads_ * max_len_ && v_min.numel() == v_scale.numel(),
                 "int4 scale shapes");
     TORCH_CHECK(k_residual.scalar_type() == at::kBFloat16 && v_residual.scalar_type() == at::kBFloat16 &&
                     k_residual.is_contiguous() && v_residual.is_contiguous() &&
-                    k_residual.numel() == layers * kv_heads_ * G * d_ && v_residual.numel() == k_residual.numel(),
+                    k_residual.numel() == blocks * kv_heads_ * G * d_ && v_residual.numel() == k_residual.numel(),
                 "int4 residuals: contiguous bfloat16 [L, S, kv_heads, G, d]");
     k_scale_ = k_scale, k_min_ = k_min, v_scale_ = v_scale, v_min_ = v_min;
     k_residual_ = k_residual, v_residual_ = v_residual, group_ = G;
@@ -1019,17 +1020,18 @@ class DecodeStep {
 
   // int4: the position goes to the residual (bfloat16, slot position mod G); when it completes its group, the group's
   // keys are quantized per channel and its values per position from the residual, as KVCache._store_int4 does.
-  void store_and_attend_int4(int64_t layer, int64_t position, int64_t first, const float* q, const float* k,
-                             const float* v, float* out) {  // layer: the cache block, cache_index(layer, slot)
+  // `index`: the cache block, cache_index(layer, slot).
+  void store_and_attend_int4(int64_t index, int64_t position, int64_t first, const float* q, const float* k,
+                             const float* v, float* out) {
     const int64_t G = group_, d = d_, groups = (max_len_ + G - 1) / G;
-    uint8_t* kc = k_cache_.data_ptr<uint8_t>() + layer * kv_heads_ * max_len_ * (d / 2);
-    uint8_t* vc = v_cache_.data_ptr<uint8_t>() + layer * kv_heads_ * max_len_ * (d / 2);
-    at::Half* ks = k_scale_.data_ptr<at::Half>() + layer * kv_heads_ * groups * d;
-    at::Half* km = k_min_.data_ptr<at::Half>() + layer * kv_heads_ * groups * d;
-    at::Half* vs = v_scale_.data_ptr<at::Half>() + layer * kv_heads_ * max_len_;
-    at::Half* vm = v_min_.data_ptr<at::Half>() + layer * kv_heads_ * max_len_;
-    at::BFloat16* kr = k_residual_.data_ptr<at::BFloat16>() + layer * kv_heads_ * G * d;
-    at::BFloat16* vr = v_residual_.data_ptr<at::BFloat16>() + layer * kv_heads_ * G * d;
+    uint8_t* kc = k_cache_.data_ptr<uint8_t>() + index * kv_heads_ * max_len_ * (d / 2);
+    uint8_t* vc = v_cache_.data_ptr<uint8_t>() + index * kv_heads_ * max_len_ * (d / 2);
+    at::Half* ks = k_scale_.data_ptr<at::Half>() + index * kv_heads_ * groups * d;
+    at::Half* km = k_min_.data_ptr<at::Half>() + index * kv_heads_ * groups * d;
+    at::Half* vs = v_scale_.data_ptr<at::Half>() + index * kv_heads_ * max_len_;
+    at::Half* vm = v_min_.data_ptr<at::Half>() + index * kv_heads_ * max_len_;
+    at::BFloat16* kr = k_residual_.data_ptr<at::BFloat16>() + index * kv_heads_ * G * d;
+    at::BFloat16* vr = v_residual_.data_ptr<at::BFloat16>() + index * kv_heads_ * G * d;
     const int64_t slot = position % G, g0 = position - slot;
     std::vector<uint8_t> codes(std::max(G, d));
     for (int64_t h = 0; h < kv_heads_; ++h) {
