@@ -109,8 +109,7 @@ class Projection {
   // block of each row, a Python callback called once per row (its own dynamic scales stay per sequence).
   void operator()(const float* x, float* y, int64_t M = 1) const {
     if (kind_ == kPacked) {
-      for (int64_t m0 = 0; m0 < M; m0 += lowbit::kMaxRows)
-        lowbit::packed_gemv(x + m0 * K_, std::min<int64_t>(lowbit::kMaxRows, M - m0), K_, view_, y + m0 * N_);
+      lowbit::packed_gemv(x, M, K_, view_, y);
     } else if (kind_ == kInt8) {
       lowbit::int8_linear(x, M, int8_, input_, y);
     } else if (kind_ == kDense) {

@@ -300,10 +300,12 @@ constexpr int pair_lane_of(int t) { return pair_order<BITS>()[t / 2] >= 4; }
 constexpr int kPairLanes = 16;          // int32 lanes of one pair's dot product
 constexpr bool kPairs8Bit = true;       // VPDPBUSD takes 8-bit codes as c + 128
 constexpr bool kOffsetsInLoop = false;  // offsets are added per row after the loop
+constexpr bool kRowPanels = false;      // several activation rows go through gemv_tile_pairs, kMaxRows at a time
 #else
 constexpr int kPairLanes = 8;
 constexpr bool kPairs8Bit = false;      // VPMADDUBSW would saturate on c + 128: 8-bit keeps one block per step
 constexpr bool kOffsetsInLoop = true;   // groups of one block: o_b·X_b in the block loop, from xs
+constexpr bool kRowPanels = true;       // several activation rows go through gemv_panels, all at once
 #endif
 
 // The pair kernels need whole pairs that never straddle a group.
@@ -556,6 +558,122 @@ inline void gemv_tile_pairs(const uint8_t* W, const uint16_t* S, const uint16_t*
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]) + (bpg == 1 ? 0.f : group_dot(O, n + r, G, a, m));
 }
+
+// Several activation rows (a batch of sequences) against one weight row n: the weight's codes are unpacked once
+// per step for MC activation rows, each of which is read from L1 as it is used, so the registers hold the MC
+// accumulators, the codes and the scale, and nothing spills. Per group j and activation row m:
+//   acc_m += s_j · Σ_{pairs or blocks of j} cvt(Σ c·xq) · d,
+// c the unsigned codes (a group of one block: s_b·d_b per lane); the zero code's −c₀·Σ_j s_j X_j and the offsets'
+// Σ_j o_j X_j are added per row after the loop (row_terms). 8-bit codes are signed: |c| against sign(x, c), as
+// llama.cpp's Q8_0 kernel does.
+template <int BITS, int MC>
+inline void panel_pairs(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t m0, int64_t K,
+                        int64_t group, const Activations& a, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, np = nb / 2, bpg = group / kBlock, G = K / group;
+  const uint8_t* w = W + n * nb * bb;
+  const uint16_t* s_row = S + n * G;
+  const int8_t* xz = a.qz.data() + m0 * K;
+  const float* dz = a.dz.data() + m0 * np * kPairLanes;
+  const __m256i ones = _mm256_set1_epi16(1);
+  // cvt(Σ c·xq) per int32 lane of pair p, for activation row m
+  const auto dot = [&](__m256i lo, __m256i hi, int64_t p, int m) {
+    const int8_t* x = xz + (m * np + p) * 2 * kBlock;
+    const __m256i cx = _mm256_add_epi16(
+        _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(cx, ones));
+  };
+  const auto d = [&](int64_t p, int m) { return _mm256_loadu_ps(dz + (m * np + p) * kPairLanes); };
+  __m256 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_ps();
+  if (bpg == 1) {
+    const __m256i lane_block = _mm256_setr_epi32(pair_lane_of<BITS>(0), pair_lane_of<BITS>(1), pair_lane_of<BITS>(2),
+                                                 pair_lane_of<BITS>(3), pair_lane_of<BITS>(4), pair_lane_of<BITS>(5),
+                                                 pair_lane_of<BITS>(6), pair_lane_of<BITS>(7));
+    for (int64_t p = 0; p < np; ++p) {
+      __m256i lo, hi;
+      unpack_pair<BITS>(w + 2 * p * bb, lo, hi);
+      const __m256 s = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(
+          static_cast<int>(load_u32(reinterpret_cast<const uint8_t*>(s_row + 2 * p)))))), lane_block);
+      for (int m = 0; m < MC; ++m) acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dot(lo, hi, p, m), d(p, m)), s, acc[m]);
+    }
+  } else {
+    const int64_t ppg = bpg / 2;
+    for (int64_t j = 0; j < G; ++j) {
+      __m256 g[MC];
+      for (int m = 0; m < MC; ++m) g[m] = _mm256_setzero_ps();
+      for (int64_t p = j * ppg; p < (j + 1) * ppg; ++p) {
+        __m256i lo, hi;
+        unpack_pair<BITS>(w + 2 * p * bb, lo, hi);
+        for (int m = 0; m < MC; ++m) g[m] = _mm256_fmadd_ps(dot(lo, hi, p, m), d(p, m), g[m]);
+      }
+      const __m256 s = _mm256_set1_ps(half_to_float(s_row[j]));
+      for (int m = 0; m < MC; ++m) acc[m] = _mm256_fmadd_ps(g[m], s, acc[m]);
+    }
+  }
+  for (int m = 0; m < MC; ++m) y[(m0 + m) * N + n] = hsum(acc[m]) + row_terms<BITS>(S, O, n, G, a, m0 + m);
+}
+
+template <int BITS, int MC>
+inline void panel_blocks(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t m0, int64_t K,
+                         int64_t group, const Activations& a, float* y, int64_t N) {
+  constexpr int64_t bb = kBlock * BITS / 8;
+  const int64_t nb = K / kBlock, bpg = group / kBlock, G = K / group;
+  const uint8_t* w = W + n * nb * bb;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* d = a.d.data() + m0 * nb;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < G; ++j) {
+    __m256 g[MC];
+    for (int m = 0; m < MC; ++m) g[m] = _mm256_setzero_ps();
+    for (int64_t b = j * bpg; b < (j + 1) * bpg; ++b) {
+      const __m256i c = unpack_block<BITS>(w + b * bb);
+      const __m256i u = BITS == 8 ? _mm256_sign_epi8(c, c) : c;
+      for (int m = 0; m < MC; ++m) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * kBlock));
+        if constexpr (BITS == 8) x = _mm256_sign_epi8(x, c);
+        g[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones)),
+                               _mm256_broadcast_ss(d + m * nb + b), g[m]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(half_to_float(S[n * G + j]));
+    for (int m = 0; m < MC; ++m) acc[m] = _mm256_fmadd_ps(g[m], s, acc[m]);
+  }
+  for (int m = 0; m < MC; ++m) y[(m0 + m) * N + n] = hsum(acc[m]) + row_terms<BITS>(S, O, n, G, a, m0 + m);
+}
+
+constexpr int kPanelRows = 4;  // activation rows per panel step: MC accumulators and the codes fit the 16 registers
+static_assert(kPanelRows == 4, "gemv_panels' remainder switch takes 1 … 3 rows");
+
+template <int BITS, int MC>
+inline void panel(bool pairs, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n, int64_t m0,
+                  int64_t K, int64_t group, const Activations& a, float* y, int64_t N) {
+  if (pairs) panel_pairs<BITS, MC>(W, S, O, n, m0, K, group, a, y, N);
+  else panel_blocks<BITS, MC>(W, S, O, n, m0, K, group, a, y, N);
+}
+
+// y[m, n] for every activation row and the weight rows n of [n0, n1): each weight row is read once from memory
+// and stays in L1 while the activation rows pass over it kPanelRows at a time.
+template <int BITS>
+void gemv_panels(int64_t M, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1,
+                 int64_t K, int64_t group, const Activations& a, float* y, int64_t N) {
+  const bool pairs = BITS != 8 && pairs_fit(BITS, K, group);
+  const int64_t full = M - M % kPanelRows;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + 1 < n1) prefetch_tile<BITS, 1>(W, S, n, K / kBlock, K / group);
+    for (int64_t m0 = 0; m0 < full; m0 += kPanelRows)
+      panel<BITS, kPanelRows>(pairs, W, S, O, n, m0, K, group, a, y, N);
+    switch (M - full) {
+      case 3: panel<BITS, 3>(pairs, W, S, O, n, full, K, group, a, y, N); break;
+      case 2: panel<BITS, 2>(pairs, W, S, O, n, full, K, group, a, y, N); break;
+      case 1: panel<BITS, 1>(pairs, W, S, O, n, full, K, group, a, y, N); break;
+      default: break;
+    }
+  }
+}
 #endif
 
 // y[m, n] for the weight rows n of [n0, n1).
@@ -575,6 +693,8 @@ void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n
   for (; n < n1; ++n) gemv_tile<BITS, M, 1>(W, S, O, n, K, group, a, y, N);
 }
 #else
+constexpr bool kRowPanels = false;
+
 // y[m, n] for the weight rows n of [n0, n1).
 template <int BITS, int M>
 void gemv_rows(const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1, int64_t K,
@@ -624,8 +744,15 @@ void arrange_for_kernel(int64_t bits, int64_t group, bool offsets, Activations& 
 }
 
 template <int BITS>
+void gemv_panels(int64_t M, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1,
+                 int64_t K, int64_t group, const Activations& a, float* y, int64_t N);
+
+template <int BITS>
 void gemv_dispatch_rows(int64_t M, const uint8_t* W, const uint16_t* S, const uint16_t* O, int64_t n0, int64_t n1,
                         int64_t K, int64_t group, const Activations& a, float* y, int64_t N) {
+  if constexpr (kRowPanels) {
+    if (M > 1) return gemv_panels<BITS>(M, W, S, O, n0, n1, K, group, a, y, N);
+  }
   static_assert(kMaxRows == 8, "the switch below instantiates 1 … 8 rows");
   switch (M) {
     case 1: return gemv_rows<BITS, 1>(W, S, O, n0, n1, K, group, a, y, N);
@@ -678,6 +805,11 @@ void check_packed(const at::Tensor& packed, const at::Tensor& scale, const c10::
 }
 
 void packed_gemv(const float* x, int64_t M, int64_t K, const PackedWeight& w, float* y) {
+  if (!kRowPanels && M > kMaxRows) {  // the row-templated kernels take kMaxRows at a time
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows)
+      packed_gemv(x + m0 * K, std::min<int64_t>(kMaxRows, M - m0), K, w, y + m0 * w.N);
+    return;
+  }
   thread_local Activations reused;  // no allocation per call once warm
   Activations& a = reused;          // the workers below must read the caller's copy, not their own
   quantize_activations(x, M, K, w.group, a);
@@ -707,7 +839,7 @@ PackedWeight packed_view(const at::Tensor& packed, const at::Tensor& scale, cons
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                 const c10::optional<at::Tensor>& offset, int64_t bits, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv takes 1 to ", kMaxRows, " rows");
+  TORCH_CHECK(x.size(0) >= 1, "gemv takes at least one row");
   const int64_t K = x.size(1);
   const PackedWeight w = packed_view(packed, scale, offset, bits, group, K);
   at::Tensor y = at::empty({x.size(0), w.N}, x.options());

@@ -22,7 +22,7 @@ struct PackedWeight {
 
 PackedWeight packed_view(const at::Tensor& packed, const at::Tensor& scale, const c10::optional<at::Tensor>& offset,
                          int64_t bits, int64_t group, int64_t K);
-// y [M, N] = x [M, K] Wᵀ for 1 ≤ M ≤ kMaxRows, float32 in and out.
+// y [M, N] = x [M, K] Wᵀ for M ≥ 1, float32 in and out.
 void packed_gemv(const float* x, int64_t M, int64_t K, const PackedWeight& w, float* y);
 // Rows [n0, n1) of the weight as float32 into out [n1 − n0, K].
 void dequantize_range(const PackedWeight& w, int64_t n0, int64_t n1, float* out);
