@@ -31,6 +31,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.architectures import ARCHITECTURES, Architecture, architecture_of
 from lowbit.runtime.cpu import compute_dtype
 from lowbit.runtime.kv_cache import Entries, KVCache
+from lowbit.runtime.layout import DECODE_ROWS
 from lowbit.runtime.kernels import (
     DenseLinear,
     Int8Linear,
@@ -349,9 +350,38 @@ class LeanDecoder(nn.Module):
                 return self.decode_batch([int(ids[0, 0])], [start], [slot])[None]
             row = None if self.quantized_embed is None else self._embed(ids)[0, 0].float()
             return self.step.forward(int(ids[0, 0]), start, row)[None]
-        h = self._embed(ids) * self.embed_scale
+        return self._prompts([(ids[0], start, slot)], last_only)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Logits [n, V] of the last token of each of n prompts, prompt i's ids written from position 0 of its own
+        cache slot, each exactly as it would be alone. The prompts longer than ``DECODE_ROWS`` tokens run in one
+        pass, so each projection is one GEMM over all their rows (~1.5x the throughput of 128-row GEMMs at 1024
+        rows here) and each weight is dequantized once; shorter ones run alone, as their projections take the
+        packed GEMV (activations rounded to int8 as in a decode step), which a batch's GEMM would not."""
+        for ids, slot in prompts:
+            if len(ids) > self.max_len:
+                raise ValueError(f"sequence of {len(ids)} tokens exceeds the context of {self.max_len}")
+            if not 0 <= slot < self.slots:
+                raise ValueError(f"cache slot {slot} of {self.slots}")
+        segments = [(torch.tensor(ids), 0, slot) for ids, slot in prompts]
+        long = [i for i, (ids, _) in enumerate(prompts) if len(ids) > DECODE_ROWS]
+        rows = {i: self._prompts([segments[i]], True)[0, 0] for i in range(len(prompts)) if i not in long}
+        if long:
+            rows.update(zip(long, self._prompts([segments[i] for i in long], True)[0]))
+        return torch.stack([rows[i] for i in range(len(prompts))])
+
+    def _prompts(self, segments: list[tuple[torch.Tensor, int, int]], last_only: bool) -> torch.Tensor:
+        """Logits [1, rows, V] for segments (ids [T_i], start_i, slot_i) laid end to end: the row-wise work (norms,
+        projections, MLP) runs on all rows at once, RoPE at each row's own position, and attention per segment over
+        its own cache slot. ``last_only``: each segment's last row only."""
+        lengths = [len(ids) for ids, _, _ in segments]
+        T = sum(lengths)
+        bounds = torch.tensor([0] + lengths).cumsum(0).tolist()
+        positions = torch.cat([torch.arange(start, start + len(ids)) for ids, start, _ in segments])
+        h = self._embed(torch.cat([ids for ids, _, _ in segments])[None]) * self.embed_scale
         for i, b in enumerate(self.blocks):
-            cos, sin = self.cos[b.rope, start : start + T][None, None], self.sin[b.rope, start : start + T][None, None]
+            cos, sin = self.cos[b.rope, positions][None, None], self.sin[b.rope, positions][None, None]
             x = self._rms(h, b.norm_attn)
             q, k, v = b.qkv(x).split([b.q_size, b.kv_size, b.kv_size], dim=-1)
             q = q.view(1, T, self.heads, self.head_dim).transpose(1, 2)
@@ -360,13 +390,16 @@ class LeanDecoder(nn.Module):
             if b.q_norm is not None:
                 q, k = self._rms(q, b.q_norm), self._rms(k, b.k_norm)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            entries = self.cache.update(i, start, k[0], v[0], slot)
-            a = b.o(self._attend(i, q, entries, start).transpose(1, 2).reshape(1, T, -1))
+            attended = []
+            for (_, start, slot), r0, r1 in zip(segments, bounds, bounds[1:]):
+                entries = self.cache.update(i, start, k[0, :, r0:r1], v[0, :, r0:r1], slot)
+                attended.append(self._attend(i, q[:, :, r0:r1], entries, start).transpose(1, 2).reshape(1, r1 - r0, -1))
+            a = b.o(torch.cat(attended, dim=1))
             h = h + (a if b.post_attn is None else self._rms(a, b.post_attn))
             x = self._rms(h, b.norm_mlp)
             gate, up = b.gate_up(x).split([b.intermediate, b.intermediate], dim=-1)
             m = b.down(self._act(gate) * up)
             h = h + (m if b.post_mlp is None else self._rms(m, b.post_mlp))
         if last_only:
-            h = h[:, -1:]
+            h = h[:, [r1 - 1 for r1 in bounds[1:]]]
         return self.lm_head(self._rms(h, self.norm)).float()

@@ -243,9 +243,10 @@ def test_every_family_the_lean_decoder_claims_computes_as_transformers_does(mode
 
 @pytest.mark.parametrize("kv_cache", ["bf16", "int8", "fp8", "int4"])
 @pytest.mark.parametrize("compiled", [True, False])
-def test_a_batch_decodes_each_sequence_as_it_would_alone(quantized_model, kv_cache, compiled):
-    """Sequences at different depths in their own cache slots, decoded by one batched step each token: each gets
-    the logits it gets decoding alone, so batching never changes a request's text (int4: past a whole group)."""
+def test_a_batch_prefills_and_decodes_each_sequence_as_it_would_alone(quantized_model, kv_cache, compiled):
+    """Prompts of different lengths prefilled together in one pass, each into its own cache slot, then decoded by
+    one batched step each token: each gets the logits it gets alone, so batching never changes a request's text
+    (int4: past a whole group)."""
     alone = LeanDecoder(quantized_model, max_len=96, kv_cache=kv_cache)
     batch = LeanDecoder(quantized_model, max_len=96, kv_cache=kv_cache, slots=3)
     if compiled and batch.step is None:
@@ -256,13 +257,14 @@ def test_a_batch_decodes_each_sequence_as_it_would_alone(quantized_model, kv_cac
     V, steps, slots = quantized_model.config.vocab_size, 4, [2, 0, 1]
     prompts = [torch.randint(0, V, (1, n), generator=g) for n in (5, 40, 17)]
     following = [torch.randint(0, V, (steps,), generator=g) for _ in prompts]
-    expected = []
+    expected, first = [], []
     for prompt, nxt in zip(prompts, following):
-        alone(prompt, 0)
+        first.append(alone(prompt, 0)[0, -1])
         n = prompt.shape[1]
         expected.append(torch.stack([alone(nxt[i : i + 1][None], n + i)[0, -1] for i in range(steps)]))
-    for prompt, slot in zip(prompts, slots):
-        batch(prompt, 0, slot=slot)
+    prefilled = batch.prefill([(prompt[0].tolist(), slot) for prompt, slot in zip(prompts, slots)])
+    for got, want in zip(prefilled, first):
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
     rows = [batch.decode_batch([int(nxt[i]) for nxt in following], [p.shape[1] + i for p in prompts], slots)
             for i in range(steps)]
     for b, want in enumerate(expected):
@@ -274,6 +276,8 @@ def test_cache_slots_are_checked(quantized_model):
     decoder = LeanDecoder(quantized_model, max_len=32, slots=2)
     with pytest.raises(ValueError, match="slot 2 of 2"):
         decoder(torch.tensor([[1, 2]]), 0, slot=2)
+    with pytest.raises(ValueError, match="slot 2 of 2"):
+        decoder.prefill([([1, 2], 0), ([3], 2)])
     if decoder.step is not None:
         with pytest.raises(RuntimeError, match="two sequences in one cache slot"):
             decoder.decode_batch([1, 2], [0, 0], [1, 1])
