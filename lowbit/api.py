@@ -22,10 +22,13 @@ from lowbit.evaluation.perplexity import perplexity
 from lowbit.evaluation import harness
 from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
-from lowbit.formats.checkpoint import atomic_output_dir, check_output_dir
+from lowbit.formats.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
+from lowbit.formats.gguf.blocks import block_type, scheme_for
+from lowbit.formats.gguf.metadata import tokenizer_fields
+from lowbit.formats.gguf.writer import DENSE_TYPES, check_representable, write_gguf
 from lowbit.formats.compressed_tensors import read_record, save_quantized
-from lowbit.models.architectures import architecture_for, decoder_blocks
-from lowbit.models.loader import dtype_named, load_model, resolve
+from lowbit.models.architectures import architecture_for, decoder_blocks, gguf_architecture
+from lowbit.models.loader import dtype_named, gguf_tokenizer_file, load_model, resolve
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.progress import progress_bar
@@ -99,8 +102,13 @@ def quantize(
     return_model: bool = False,
     smoothquant: Union[float, str, None] = None,
     kv_cache: Optional[str] = None,
+    gguf: Optional[str] = None,
+    dense_type: str = "Q8_0",
 ):
-    """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint.
+    """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint, or with
+    ``gguf`` (a llama.cpp type: Q4_0, Q4_1, Q8_0) as a GGUF file that llama.cpp runs: the method rounds onto that
+    type's grid, with its float16 scales, and the codes go into the file unchanged (``dense_type``: the tensors
+    left in full precision, the embedding table among them).
 
     Example: ``lowbit.quantize("smollm2-135m", lowbit.W4A16(group_size=64), method="gptq",
     calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
@@ -111,10 +119,15 @@ def quantize(
     ``evaluate`` then cache K and V in fp8 by default).
     """
     algorithm = get_method(method)
+    if gguf is not None:
+        if kv_cache is not None or smoothquant is not None:
+            raise LowbitError("a GGUF file holds weights only: drop the KV cache scales and SmoothQuant")
+        scheme = scheme_for(block_type(gguf), scheme)
     recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head,
                     smoothquant=smoothquant, kv_cache_scheme=None if kv_cache is None else calibrated_scheme(kv_cache))
     calib = calib if recipe.needs_data else None
-    return _run(model, recipe, calib, nsamples, seqlen, seed, output_dir, overwrite, batch_size,
+    output = _Output(None if output_dir is None else Path(output_dir), overwrite, gguf is not None, dense_type)
+    return _run(model, recipe, calib, nsamples, seqlen, seed, output, batch_size,
                 (allow_pickle, trust_remote_code), progress, return_model)
 
 
@@ -144,21 +157,73 @@ def compress(
     ``dataset`` (a text name such as "shakespeare") makes the sensitivity data-aware.
     """
     recipe = compress_recipe(mode, group_size, ratio, method, sensitivity_metric, all_layers, tuple(ignore))
-    return _run(model, recipe, dataset, nsamples, seqlen, seed, output_dir, overwrite, 8,
+    output = _Output(None if output_dir is None else Path(output_dir), overwrite)
+    return _run(model, recipe, dataset, nsamples, seqlen, seed, output, 8,
                 (allow_pickle, trust_remote_code), progress, return_model)
 
 
-def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen: int, seed: int, output_dir,
-         overwrite: bool, batch_size: int, load_options: tuple, progress: bool, return_model: bool):
+def export(checkpoint: str, output: Union[str, Path], dense_type: str = "Q8_0", overwrite: bool = False) -> dict:
+    """Write a quantized checkpoint (or a full-precision model) as a GGUF file, each quantized linear in the
+    llama.cpp type that holds its grid code for code; a grid no type holds is refused, naming the types."""
+    start = time.perf_counter()
+    out = _Output(Path(output), overwrite, gguf=True, dense_type=dense_type)
+    out.check()
+    hf_model, tokenizer, _ = load_model(checkpoint, torch.float32)
+    gguf_architecture(hf_model)
+    check_representable(hf_model)
+    gguf_tokenizer_file(checkpoint)
+    source = resolve(checkpoint)
+    size = out.save(hf_model, tokenizer, checkpoint, read_record(source.path) if source.kind == "folder" else {})
+    return {"output": str(output), "size_bytes": size, "bits_per_weight": bits_per_weight(hf_model),
+            "wall_time_s": round(time.perf_counter() - start, 1)}
+
+
+@dataclass(frozen=True)
+class _Output:
+    """Where a quantized model goes: a compressed-tensors folder, or a GGUF file."""
+
+    path: Optional[Path]
+    overwrite: bool
+    gguf: bool = False
+    dense_type: str = "Q8_0"
+
+    def check(self) -> None:
+        """What can be refused before the model is loaded."""
+        if self.path is None:
+            return
+        if not self.gguf:
+            return check_output_dir(self.path, self.overwrite)
+        if self.dense_type not in DENSE_TYPES:
+            raise LowbitError(f"full-precision tensors as {self.dense_type!r}? choose one of {', '.join(DENSE_TYPES)}")
+        check_output_file(self.path, self.overwrite)
+
+    def save(self, hf_model, tokenizer, model: str, record: dict) -> Optional[int]:
+        """Write atomically; the size written."""
+        if self.path is None:
+            return None
+        if not self.gguf:
+            with atomic_output_dir(self.path, self.overwrite) as staging:
+                save_quantized(hf_model, tokenizer, staging, record)
+            return folder_size(self.path)
+        with atomic_output_file(self.path, self.overwrite) as staging:
+            write_gguf(hf_model, gguf_architecture(hf_model), staging, tokenizer_fields(gguf_tokenizer_file(model)),
+                       Path(model).name, self.dense_type, record)
+        return self.path.stat().st_size
+
+
+def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen: int, seed: int, output: _Output,
+         batch_size: int, load_options: tuple, progress: bool, return_model: bool):
     """The one body of ``quantize`` and ``compress``: check everything that can be checked, load,
     run the pipeline, save atomically, measure."""
     start = time.perf_counter()
     recipe = recipe.checked(has_data=calib is not None)
     _check_batch_size(batch_size)
     calibration = None if calib is None else CalibrationSpec(calibration_text(calib), nsamples, seqlen, seed)
-    _check_inputs(model, output_dir, overwrite)
+    _check_inputs(model, output)
     hf_model, tokenizer, _ = load_model(model, torch.float32, *load_options)
     decoder_blocks(hf_model)
+    if output.gguf:
+        gguf_architecture(hf_model)
     windows = None if calibration is None else calibration.windows(tokenizer)
     with progress_bar(f"{recipe.method.name} {recipe.describe()}", progress) as step:
         report = quantize_model(hf_model, recipe, windows, batch_size, on_step=step)
@@ -179,13 +244,9 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
-    size = None
-    if output_dir is not None:
-        with atomic_output_dir(Path(output_dir), overwrite) as staging:
-            save_quantized(hf_model, tokenizer, staging, record)
-        size = folder_size(Path(output_dir))
+    size = output.save(hf_model, tokenizer, model, record)
     result = QuantizeResult(
-        output_dir=None if output_dir is None else str(output_dir),
+        output_dir=None if output.path is None else str(output.path),
         method=recipe.method.name,
         scheme=recipe.describe(),
         bits_per_weight=bits_per_weight(hf_model),
@@ -205,7 +266,7 @@ def _check_batch_size(batch_size: int) -> None:
         raise LowbitError(f"batch size must be a positive integer, got {batch_size}")
 
 
-def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
+def _check_inputs(model: str, output: _Output) -> None:
     """What can be refused before a model is loaded: an already-quantized source, an unwritable output."""
     source = resolve(model)
     if source.quantized:
@@ -220,8 +281,9 @@ def _check_inputs(model: str, output_dir, overwrite: bool) -> None:
             model_type = ""  # unreadable: the loader says why
         if model_type != "":
             architecture_for(model_type)
-    if output_dir is not None:
-        check_output_dir(Path(output_dir), overwrite)
+    output.check()
+    if output.gguf:
+        gguf_tokenizer_file(model)
 
 
 def fallback_notices(layers) -> list[str]:

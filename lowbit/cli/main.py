@@ -59,7 +59,7 @@ def _quiet_transformers() -> None:
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="model to quantize: folder, .gguf file, hub id, or smollm2-135m"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder to write the checkpoint to (a file with --gguf)"),
     method: Optional[str] = typer.Option(None, help=methods_help() + " (default: gptq; rtn for the FP8 presets)"),
     bits: Optional[int] = typer.Option(None, help="weight bits: 2, 3, 4 (default) or 8"),
     group_size: Optional[int] = typer.Option(
@@ -91,13 +91,23 @@ def quantize(
     kv_cache: Optional[str] = typer.Option(
         None, "--kv-cache", help="fp8: calibrate the KV cache's static fp8 scales (k_scale, v_scale) and save them"
     ),
+    gguf: Optional[str] = typer.Option(
+        None, "--gguf", help="write a GGUF file for llama.cpp instead, rounding onto this type's grid: Q4_0, Q4_1, Q8_0"
+    ),
+    dense: str = typer.Option("Q8_0", help="--gguf: the type of the tensors left in full precision (Q8_0, F16, F32)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Quantize a model's weights (and with an activation --scheme such as W8A8 or FP8_DYNAMIC its linears'
-    inputs) and save a compressed-tensors checkpoint."""
+    inputs) and save a compressed-tensors checkpoint, or with --gguf a GGUF file that llama.cpp runs."""
     from lowbit import api
     from lowbit.cli.report import emit_json, print_table, quantize_table
 
+    if gguf is not None:
+        from lowbit.formats.gguf.blocks import BLOCK, block_type
+
+        kind = block_type(gguf)  # the grid comes from the type; options that contradict it are refused by the API
+        bits, asym = bits or kind.bits, asym or not kind.symmetric
+        group_size = BLOCK if group_size is None else group_size
     scheme = _quantize_scheme(scheme_name, bits, group_size, asym, "weight" if act_order else None, observer)
     _quiet_transformers()
     result = api.quantize(
@@ -116,11 +126,35 @@ def quantize(
         trust_remote_code=trust_remote_code,
         smoothquant=_alpha(smoothquant),
         kv_cache=kv_cache,
+        gguf=gguf,
+        dense_type=dense,
     ).to_dict()
     if as_json:
         emit_json(result)
     else:
         print_table(quantize_table(result))
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="a quantized checkpoint folder (or any model lowbit loads)"),
+    output: Path = typer.Option(..., "--output", "-o", help="the GGUF file to write"),
+    dense: str = typer.Option("Q8_0", help="the type of the tensors left in full precision (Q8_0, F16, F32)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Write a checkpoint as a GGUF file for llama.cpp, each quantized layer in the type that holds its grid exactly
+    (int4 symmetric g32: Q4_0, asymmetric: Q4_1, int8 g32: Q8_0); other grids are refused."""
+    from lowbit import api
+    from lowbit.cli.report import emit_json
+
+    _quiet_transformers()
+    result = api.export(checkpoint, output, dense, overwrite)
+    if as_json:
+        emit_json(result)
+    else:
+        print(f"wrote {result['output']}: {result['size_bytes'] / 1e6:.1f} MB, {result['bits_per_weight']:.2f} bits per"
+              f" weight, in {result['wall_time_s']} s")
 
 
 def _quantize_scheme(name: Optional[str], bits: Optional[int], group_size: Optional[int], asym: bool, actorder,

@@ -1,4 +1,4 @@
-"""Write an output folder so that it either appears complete or not at all."""
+"""Write an output folder or file so that it either appears complete or not at all."""
 
 from __future__ import annotations
 
@@ -88,3 +88,37 @@ def atomic_output_dir(final: Path, overwrite: bool = False):
     staging.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_file(final: Path, overwrite: bool) -> None:
+    """Fail early (before any work) if the file ``final`` exists and may not be replaced, or cannot be written."""
+    if final.exists() and not overwrite:
+        raise LowbitError(f"output file {final} already exists; pass --overwrite to replace it")
+    if final.is_dir():
+        raise LowbitError(f"output path {final} is a folder, not a file")
+    check_output_dir(final.parent, overwrite=True)  # its folder: a folder (or to be made) that takes a new entry
+
+
+@contextmanager
+def atomic_output_file(final: Path, overwrite: bool = False):
+    """Yield a staging path next to ``final``; rename it into place only if the block succeeds (an existing
+    ``final`` is left untouched on any failure, a full disk included)."""
+    final = Path(final)
+    check_output_file(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        with _terminate_as_exception():
+            yield staging
+        os.chmod(staging, 0o666 & ~umask())
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise LowbitError(f"disk full while writing {final}; nothing was written there") from None
+        raise LowbitError(f"could not write {final}: {exc.strerror or exc}") from None
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    staging.replace(final)

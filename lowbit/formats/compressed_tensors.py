@@ -63,6 +63,7 @@ def _args_dict(args: QuantizationArgs) -> dict:
         "dynamic": args.dynamic,
         "observer": args.observer,
         "zp_dtype": f"torch.{args.zp_dtype}" if args.zp_dtype else None,
+        "scale_dtype": f"torch.{args.scale_dtype}" if args.scale_dtype else None,
         "block_structure": None,
         "observer_kwargs": {},
     }
@@ -79,6 +80,7 @@ def _args_from_dict(d: dict) -> QuantizationArgs:
             actorder=d.get("actorder"),
             dynamic=bool(d.get("dynamic", False)),
             zp_dtype=(d.get("zp_dtype") or "").removeprefix("torch.") or None,
+            scale_dtype=(d.get("scale_dtype") or "").removeprefix("torch.") or None,
         )
     except KeyError as exc:
         raise LowbitError(f"quantization_config lacks {exc}") from None

@@ -13,6 +13,7 @@ from typing import Optional
 import torch.nn as nn
 
 from lowbit.errors import LowbitError
+from lowbit.formats.gguf.metadata import GGUFArch
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Architecture:
 
     ``norm_offset``: the norm multiplies by (offset + weight) (Gemma: 1), which smoothing must respect.
     ``lean``: the block layout the lean decoder reads (None: the family decodes through transformers'
-    forward); ``embed_scale``: embeddings are multiplied by √hidden_size; ``activation``: of the gated MLP.
+    forward); ``embed_scale``: embeddings are multiplied by √hidden_size; ``activation``: of the gated MLP;
+    ``gguf``: how llama.cpp names it (None: not written to GGUF).
     """
 
     blocks: str = "model.layers"
@@ -101,18 +103,20 @@ class Architecture:
     lean: Optional[BlockLayout] = None
     embed_scale: bool = False
     activation: str = "silu"  # or "gelu_tanh"
+    gguf: Optional[GGUFArch] = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    **{name: Architecture(lean=BlockLayout()) for name in ("llama", "mistral", "qwen2")},
-    "qwen3": Architecture(lean=BlockLayout(**QK_NORMS)),
+    **{name: Architecture(lean=BlockLayout(), gguf=GGUFArch("llama", permute_qk=True)) for name in ("llama", "mistral")},
+    "qwen2": Architecture(lean=BlockLayout(), gguf=GGUFArch("qwen2")),
+    "qwen3": Architecture(lean=BlockLayout(**QK_NORMS), gguf=GGUFArch("qwen3")),
     **{name: Architecture() for name in ("granite", "smollm3")},  # multipliers, NoPE layers: transformers' forward
     "phi3": Architecture(smoothing=PHI3_SMOOTHING),
     **{name: Architecture(smoothing=LINEAR_PAIRS_SMOOTHING) for name in ("olmo2", "cohere")},
     "gemma": Architecture(norm_offset=1.0),
     "gemma2": Architecture(smoothing=GEMMA_SMOOTHING, norm_offset=1.0),
     "gemma3_text": Architecture(smoothing=GEMMA_SMOOTHING, norm_offset=1.0, lean=GEMMA3_LAYOUT, embed_scale=True,
-                                activation="gelu_tanh"),
+                                activation="gelu_tanh", gguf=GGUFArch("gemma3")),
 }
 
 
@@ -134,3 +138,12 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(prefix, blocks) of a supported causal LM, e.g. ("model.layers", ModuleList)."""
     arch = architecture_of(model)
     return arch.blocks, model.get_submodule(arch.blocks)
+
+
+def gguf_architecture(model: nn.Module) -> Architecture:
+    """The model's family record, refused when llama.cpp's name for it is not known."""
+    arch = architecture_of(model)
+    if arch.gguf is None:
+        known = sorted(name for name, a in ARCHITECTURES.items() if a.gguf is not None)
+        raise LowbitError(f"{model.config.model_type} models are not written to GGUF (supported: {', '.join(known)})")
+    return arch

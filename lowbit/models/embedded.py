@@ -20,7 +20,7 @@ from typing import Optional
 
 from lowbit.data.assets import cache_dir, pip_download, publish_dir, staging_dir
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf import load_gguf
+from lowbit.formats.gguf.reader import load_gguf
 
 
 @dataclass(frozen=True)

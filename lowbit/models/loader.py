@@ -14,10 +14,10 @@ from urllib.parse import urlparse
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.compressed_tensors import quantized_model
+from lowbit.formats.compressed_tensors import RECORD_FILE, quantized_model
 from lowbit.models.allocator import lean_loading
-from lowbit.formats.gguf import gguf_model, gguf_tokenizer
-from lowbit.models.embedded import EMBEDDED, embedded_folder
+from lowbit.formats.gguf.reader import gguf_model, gguf_tokenizer
+from lowbit.models.embedded import EMBEDDED, embedded_folder, embedded_gguf
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -244,3 +244,25 @@ def _load(source: ModelSource, name: str, dtype, allow_pickle: bool, trust_remot
         return (*_load_pretrained(str(folder), dtype, allow_pickle, trust_remote_code), source)
     except (OSError, ValueError, KeyError) as exc:
         raise LowbitError(f"could not load {folder}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def gguf_tokenizer_file(model: str) -> Path:
+    """The GGUF file whose tokenizer a model's GGUF export carries: the model's own (a .gguf file or an embedded
+    model), or, for a lowbit checkpoint, that of the model it was quantized from."""
+    source = resolve(model)
+    if source.kind == "gguf":
+        return source.path
+    if source.kind == "embedded":
+        return embedded_gguf(EMBEDDED[model])
+    recipe = source.path / RECORD_FILE if source.kind == "folder" else None
+    if recipe is not None and recipe.is_file():
+        origin = json.loads(recipe.read_text()).get("source_model")
+        if origin and origin != model:
+            try:
+                return gguf_tokenizer_file(origin)
+            except LowbitError as exc:
+                raise LowbitError(f"{model} was quantized from {origin}: {exc}") from None
+    raise LowbitError(
+        f"{model}: a GGUF export takes its tokenizer from a GGUF file of the same model (a .gguf source, an embedded"
+        " model, or a lowbit checkpoint made from one); converting a Hugging Face tokenizer is not supported yet"
+    )

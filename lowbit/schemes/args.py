@@ -39,6 +39,7 @@ class QuantizationArgs:
     dynamic: bool = False
     observer: str = "minmax"
     zp_dtype: Optional[str] = None  # None: integer zero points; "float32"/"bfloat16"/"float16": fitted floats (HQQ)
+    scale_dtype: Optional[str] = None  # None: the weight's dtype; else scales stored, and codes rounded, in this one
 
     def __post_init__(self) -> None:
         if self.type not in GRID_TYPES:
@@ -65,6 +66,8 @@ class QuantizationArgs:
             raise LowbitError(
                 f"float zero points ({self.zp_dtype!r}) need an asymmetric grid and one of {', '.join(FLOAT_ZP_DTYPES)}"
             )
+        if self.scale_dtype is not None and self.scale_dtype not in FLOAT_ZP_DTYPES:
+            raise LowbitError(f"scale dtype {self.scale_dtype!r} is not one of {', '.join(FLOAT_ZP_DTYPES)}")
         if self.observer not in OBSERVERS:
             raise LowbitError(f"observer {self.observer!r} is not supported; choose 'minmax' or 'mse'")
         if self.actorder not in ACTORDERS:
@@ -111,7 +114,8 @@ class QuantizationArgs:
         order = ", act-order" if self.actorder else ""
         mse = ", mse" if self.observer == "mse" else ""
         zp = ", float zero points" if self.zp_dtype else ""
-        return f"{grid} {where}{order}{mse}{zp}"
+        scales = f", {self.scale_dtype} scales" if self.scale_dtype else ""
+        return f"{grid} {where}{order}{mse}{zp}{scales}"
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,11 @@ def fit_qparams(w: torch.Tensor, args: QuantizationArgs, dtype: Optional[torch.d
 
     ``observer="minmax"`` maps the row's range onto the grid. ``observer="mse"`` also tries ranges
     shrunk by up to 20% and keeps, per row, the one minimising Σ |w − ŵ|^2.4 (clipping a few
-    outliers buys a finer step for the rest). ``dtype`` is the storage dtype of the scale; rounding
-    uses the stored value so that what is saved reproduces exactly what was computed.
+    outliers buys a finer step for the rest). ``dtype`` is the storage dtype of the scale (``args.scale_dtype``
+    when set: a GGUF target's float16); rounding uses the stored value so that what is saved reproduces exactly
+    what was computed.
     """
-    dtype = dtype or w.dtype
+    dtype = getattr(torch, args.scale_dtype) if args.scale_dtype else dtype or w.dtype
     if args.strategy == "tensor":  # one scale for the whole weight, repeated per row
         scale, zero = fit_qparams(w.reshape(1, -1), args.with_group_size(None), dtype)
         return scale.expand(w.shape[0]).clone(), None if zero is None else zero.expand(w.shape[0]).clone()

@@ -290,3 +290,23 @@ def test_quantize_fp8_dynamic_needs_no_data_and_bench_says_fp8_is_for_accuracy(t
 def test_activation_options_misused_fail_in_one_line(tiny_model_dir, tmp_path, args, message):
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q", *args), message)
     assert not (tmp_path / "q").exists()
+
+
+def test_export_to_gguf_refuses_what_it_cannot_write_in_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
+    """A grid no GGUF type holds is named with the types that would; a Hugging Face tokenizer (which GGUF export
+    cannot convert yet) is refused too; nothing is written either way, and an existing file is kept."""
+    per_channel, g32 = tmp_path / "w4-per-channel", tmp_path / "w4-g32"
+    for out, group in ((per_channel, "0"), (g32, "32")):
+        done = run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--bits", "4", "--group-size", group)
+        assert done.returncode == 0, done.stderr
+    target = tmp_path / "tiny.gguf"
+    assert_clean_failure(run("export", per_channel, "-o", target), "Q4_0 is int4 symmetric in groups of 32")
+    assert_clean_failure(run("export", g32, "-o", target), "converting a Hugging Face tokenizer is not supported yet")
+    assert not target.exists()
+    target.write_text("mine")
+    assert_clean_failure(run("export", g32, "-o", target), "already exists; pass --overwrite")
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q4_0", "--bits", "3"),
+                         "Q4_0 is int4 symmetric in groups of 32; the scheme asks for int3")
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q5_K"),
+                         "GGUF type 'Q5_K' is not written by lowbit yet")
+    assert target.read_text() == "mine" and not (tmp_path / "q.gguf").exists()

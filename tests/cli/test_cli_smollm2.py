@@ -70,3 +70,32 @@ def test_study_of_two_widths_writes_its_report_and_a_rerun_reuses_every_row(tmp_
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("finished earlier with the same settings, reused") == 2
     assert json.loads((out / "study.json").read_text())["rows"] == study["rows"]
+
+
+def test_quantize_writes_a_gguf_that_reads_back_as_the_model_it_quantized(tmp_path):
+    """`quantize --gguf Q4_0`: every decoder linear in Q4_0, the embedding table in Q8_0 and the norms in float32, as
+    in the shipped llama.cpp file; its architecture keys and tokenizer (vocabulary, merges, pre-tokenizer, chat
+    template) are the shipped file's; transformers' GGUF reader (which undoes the q/k row order) evaluates it."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from lowbit.formats.gguf.metadata import tokenizer_fields
+    from lowbit.models.loader import gguf_tokenizer_file
+
+    out = tmp_path / "smol-q4_0.gguf"
+    done = run("quantize", "smollm2-135m", "-o", out, "--method", "rtn", "--gguf", "Q4_0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scheme"] == "W4A16 (int4 sym g32, mse, float16 scales)"
+    shipped_path = gguf_tokenizer_file("smollm2-135m")
+    mine, shipped = GGUFReader(out), GGUFReader(shipped_path)
+    assert Counter(t.tensor_type.name for t in mine.tensors) == {"Q4_0": 210, "F32": 61, "Q8_0": 1}
+    assert {t.name for t in mine.tensors} == {t.name for t in shipped.tensors}
+    shared = [k for k in shipped.fields if k.startswith("llama.")]
+    assert len(shared) == 10 and all(mine.fields[k].contents() == shipped.fields[k].contents() for k in shared)
+    assert tokenizer_fields(out) == tokenizer_fields(shipped_path)
+    done = run("eval", out, "--ppl", "austen", "--max-tokens", "1024", "--json")
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert 20 < result["perplexity"] < 60  # full precision 23.2 on this text; RTN W4 g32 costs a little, not 10x
+
