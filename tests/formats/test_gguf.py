@@ -79,9 +79,11 @@ def _value(reader, key):
 
 def test_a_llama_is_written_as_llama_cpp_converts_it(tmp_path):
     model = _quantized_tiny("Q4_0")
+    q0 = model.model.layers[0].self_attn.q_proj
+    q0.bias = torch.nn.Parameter(torch.arange(64, dtype=torch.float32))  # a q bias moves with its rows
     path = tmp_path / "tiny.gguf"
     written = write_gguf(model, architecture_of(model), path, TOKENIZER, "tiny", record={"method": "rtn"})
-    assert written.file_type == "Q4_0" and written.types == {"Q4_0": 14, "Q8_0": 1, "F32": 5}
+    assert written.file_type == "Q4_0" and written.types == {"Q4_0": 14, "Q8_0": 1, "F32": 6}
     reader, tensors = _tensors(path)
     assert _value(reader, "general.architecture") == "llama" and _value(reader, "general.file_type") == 2
     assert [_value(reader, f"llama.{k}") for k in ("block_count", "embedding_length", "feed_forward_length",
@@ -99,6 +101,9 @@ def test_a_llama_is_written_as_llama_cpp_converts_it(tmp_path):
             if heads:  # llama.cpp's converter pairs each head's rotary halves: (h, 2, d/2) → (h, d/2, 2)
                 want = want.reshape(heads, 2, -1, want.shape[1]).transpose(1, 2).reshape(want.shape)
             assert torch.equal(rows, want)
+        if i == 0:
+            bias = torch.from_numpy(np.array(tensors["blk.0.attn_q.bias"].data))
+            assert torch.equal(bias, torch.arange(64.0).reshape(4, 2, -1).transpose(1, 2).reshape(-1))
         norm = torch.from_numpy(np.array(tensors[f"blk.{i}.attn_norm.weight"].data))
         assert torch.equal(norm, layer.input_layernorm.weight.detach())
     embedding = torch.from_numpy(quants.dequantize(tensors["token_embd.weight"].data, tensors["token_embd.weight"].tensor_type).copy())

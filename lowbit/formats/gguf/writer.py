@@ -102,14 +102,14 @@ class _Tensors:
 
     def dense(self, name: str, weight: torch.Tensor, module_name: str = "") -> tuple[str, np.ndarray, GGMLQuantizationType]:
         w = weight.detach().float()
+        order = self._order(module_name, w.shape[0]) if module_name else None
+        if order is not None:  # a q or k projection's weight or bias
+            w = w[order]
         if w.dim() == 1:
             if name.endswith("norm.weight") and self.arch.norm_offset:
                 w = w + self.arch.norm_offset
             self._count("F32")
             return self.gguf_name(name), w.contiguous().numpy(), GGMLQuantizationType.F32
-        order = self._order(module_name, w.shape[0]) if module_name else None
-        if order is not None:
-            w = w[order]
         kind = self.dense_type if w.shape[1] % BLOCK == 0 or self.dense_type == "F32" else "F16"
         self._count(kind)
         if kind == "F32":
@@ -126,15 +126,16 @@ class _Tensors:
         """(gguf name, data, type) for every tensor llama.cpp needs, a tied output projection once."""
         head = model.get_submodule(self.arch.lm_head)
         table = model.get_submodule(self.arch.embed)
+        codes = getattr(head, "weight_q", None)
         tied = getattr(head, "weight", None) is getattr(table, "weight", object()) or (
-            getattr(head, "weight_q", None) is not None and getattr(head, "weight_q", None) is getattr(table, "weight_q", None))
+            codes is not None and codes is getattr(table, "weight_q", None))
         for name, module in model.named_modules():
             if tied and name == self.arch.lm_head:
                 continue
             if isinstance(module, (QuantLinear, QuantEmbedding)):
                 yield self.quantized(name, module.quantized_weight())
                 if getattr(module, "bias", None) is not None:
-                    yield self.dense(name + ".bias", module.bias)
+                    yield self.dense(name + ".bias", module.bias, name)
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 yield self.dense(f"{name}.{pname}", p, name)
