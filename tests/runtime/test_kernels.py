@@ -68,9 +68,11 @@ def test_each_isa_gemv_matches_the_reference(isa, scheme, rows):
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 @pytest.mark.parametrize("scheme", [make_scheme(4, 32), make_scheme(3, 32, symmetric=False), make_scheme(8, None)],
                          ids=lambda s: s.weights.describe())
-def test_an_odd_number_of_blocks_takes_the_one_block_kernel_and_agrees(isa, scheme):
-    """672 columns are 21 blocks: no whole pairs for the 512-bit kernel, and a per-channel group of 21 blocks."""
-    assert_gemv_exact(kernels_for(isa), torch.randn(37, 672), scheme, 1)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_an_odd_number_of_blocks_takes_the_one_block_kernel_and_agrees(isa, scheme, rows):
+    """672 columns are 21 blocks: no whole pairs (one block per step, for one row and for a batch's panels), and a
+    per-channel group of 21 blocks."""
+    assert_gemv_exact(kernels_for(isa), torch.randn(37, 672), scheme, rows)
 
 
 def test_avx2_and_avx512_compute_the_same_integers():
