@@ -25,7 +25,7 @@ from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
 from lowbit.formats.gguf.blocks import block_type, scheme_for
 from lowbit.formats.gguf.metadata import tokenizer_fields
-from lowbit.formats.gguf.writer import DENSE_TYPES, check_representable, write_gguf
+from lowbit.formats.gguf.writer import check_dense_type, check_representable, write_gguf
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import architecture_for, decoder_blocks, gguf_architecture
 from lowbit.models.loader import dtype_named, gguf_tokenizer_file, load_model, resolve
@@ -193,8 +193,7 @@ class _Output:
             return
         if not self.gguf:
             return check_output_dir(self.path, self.overwrite)
-        if self.dense_type not in DENSE_TYPES:
-            raise LowbitError(f"full-precision tensors as {self.dense_type!r}? choose one of {', '.join(DENSE_TYPES)}")
+        check_dense_type(self.dense_type)
         check_output_file(self.path, self.overwrite)
 
     def save(self, hf_model, tokenizer, model: str, record: dict) -> Optional[int]:

@@ -60,6 +60,11 @@ def unrepresentable(model: nn.Module) -> list[str]:
             if isinstance(m, (QuantLinear, QuantEmbedding)) and block_type_for(m.args, m.weight_q.shape[1]) is None]
 
 
+def check_dense_type(dense_type: str) -> None:
+    if dense_type not in DENSE_TYPES:
+        raise LowbitError(f"full-precision tensors as {dense_type!r}? choose one of {', '.join(DENSE_TYPES)}")
+
+
 def check_representable(model: nn.Module) -> None:
     bad = unrepresentable(model)
     if bad:
@@ -150,8 +155,7 @@ def write_gguf(model: nn.Module, arch, path: Path, tokenizer: list[Field], name:
     """Write ``model`` (full precision or with lowbit's quantized linears) to ``path`` with the tokenizer fields and,
     under ``lowbit.recipe``, how it was made. ``arch``: the family's record
     (:class:`lowbit.models.architectures.Architecture`, its ``gguf`` set)."""
-    if dense_type not in DENSE_TYPES:
-        raise LowbitError(f"full-precision tensors as {dense_type!r}? choose one of {', '.join(DENSE_TYPES)}")
+    check_dense_type(dense_type)
     check_representable(model)
     tensors = _Tensors(model, arch, dense_type)
     writer = GGUFWriter(path, arch.gguf.name)
