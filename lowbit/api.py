@@ -6,14 +6,14 @@ import datetime as dt
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 import lowbit
-from lowbit.algorithms import get_method
+from lowbit.algorithms import METHODS, get_method
 from lowbit.calibration.sampling import SELF_GENERATED, CalibrationSpec
 from lowbit.data.corpora import EvaluationText, calibration_text, evaluation_text
 from lowbit.errors import LowbitError
@@ -23,9 +23,9 @@ from lowbit.evaluation import harness
 from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
-from lowbit.formats.gguf.blocks import block_type, scheme_for
 from lowbit.formats.gguf.metadata import tokenizer_fields
-from lowbit.formats.gguf.writer import check_dense_type, check_representable, write_gguf
+from lowbit.formats.gguf.presets import check_preset, search_scheme
+from lowbit.formats.gguf.writer import check_dense_type, check_representable, linear_types, write_gguf
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import architecture_for, decoder_blocks, gguf_architecture
 from lowbit.models.loader import dtype_named, gguf_tokenizer_file, load_model, resolve
@@ -103,12 +103,14 @@ def quantize(
     smoothquant: Union[float, str, None] = None,
     kv_cache: Optional[str] = None,
     gguf: Optional[str] = None,
-    dense_type: str = "Q8_0",
+    dense_type: Optional[str] = None,
 ):
     """Quantize ``model`` (name, folder, .gguf or hub id) and save it as a compressed-tensors checkpoint, or with
-    ``gguf`` (a llama.cpp type: Q4_0, Q4_1, Q8_0) as a GGUF file that llama.cpp runs: the method rounds onto that
-    type's grid, with its float16 scales, and the codes go into the file unchanged (``dense_type``: the tensors
-    left in full precision, the embedding table among them).
+    ``gguf`` (a llama.cpp file type: Q4_0, Q4_K_M, Q3_K_M, Q2_K, …) as a GGUF file that llama.cpp runs: each linear
+    gets the type llama.cpp's rules give it in that file type, the method rounds onto that type's grid (with its
+    float16 scales), and the codes go into the file unchanged. The tensors no method rounds (the embedding table)
+    get the file type's choice by RTN, or ``dense_type`` (Q8_0, F16, F32). With ``gguf`` only ``scheme``'s
+    column order (actorder) is used.
 
     Example: ``lowbit.quantize("smollm2-135m", lowbit.W4A16(group_size=64), method="gptq",
     calib="shakespeare", output_dir="out/smol-w4")``. Returns a :class:`QuantizeResult`
@@ -120,13 +122,17 @@ def quantize(
     """
     algorithm = get_method(method)
     if gguf is not None:
-        if kv_cache is not None or smoothquant is not None:
-            raise LowbitError("a GGUF file holds weights only: drop the KV cache scales and SmoothQuant")
-        scheme = scheme_for(block_type(gguf), scheme)
+        gguf = check_preset(gguf)
+        if kv_cache is not None or smoothquant is not None or (scheme and scheme.input_activations):
+            raise LowbitError("a GGUF file holds weights only: drop the activation scheme, KV cache scales and SmoothQuant")
+        if not algorithm.ggml:
+            ggml_methods = ", ".join(name for name, m in METHODS.items() if m.ggml)
+            raise LowbitError(f"{algorithm.name} does not round onto llama.cpp's grids; with --gguf use {ggml_methods}")
+        scheme = search_scheme(gguf, "weight" if scheme is None else scheme.weights.actorder)
     recipe = Recipe(scheme or make_scheme(), algorithm, ignore=tuple(ignore), include_lm_head=include_lm_head,
                     smoothquant=smoothquant, kv_cache_scheme=None if kv_cache is None else calibrated_scheme(kv_cache))
     calib = calib if recipe.needs_data else None
-    output = _Output(None if output_dir is None else Path(output_dir), overwrite, gguf is not None, dense_type)
+    output = _Output(None if output_dir is None else Path(output_dir), overwrite, gguf is not None, dense_type, gguf)
     return _run(model, recipe, calib, nsamples, seqlen, seed, output, batch_size,
                 (allow_pickle, trust_remote_code), progress, return_model)
 
@@ -162,9 +168,11 @@ def compress(
                 (allow_pickle, trust_remote_code), progress, return_model)
 
 
-def export(checkpoint: str, output: Union[str, Path], dense_type: str = "Q8_0", overwrite: bool = False) -> dict:
+def export(checkpoint: str, output: Union[str, Path], dense_type: Optional[str] = None, overwrite: bool = False) -> dict:
     """Write a quantized checkpoint (or a full-precision model) as a GGUF file, each quantized linear in the
-    llama.cpp type that holds its grid code for code; a grid no type holds is refused, naming the types."""
+    llama.cpp type that holds its grid code for code; a grid no type holds is refused, naming the types. The other
+    matrices get what llama.cpp's file type of that type gives them, or ``dense_type`` (Q8_0 for a model with no
+    quantized linears)."""
     start = time.perf_counter()
     out = _Output(Path(output), overwrite, gguf=True, dense_type=dense_type)
     out.check()
@@ -173,9 +181,9 @@ def export(checkpoint: str, output: Union[str, Path], dense_type: str = "Q8_0", 
     check_representable(hf_model)
     gguf_tokenizer_file(checkpoint)
     source = resolve(checkpoint)
-    size = out.save(hf_model, tokenizer, checkpoint, read_record(source.path) if source.kind == "folder" else {})
-    return {"output": str(output), "size_bytes": size, "bits_per_weight": bits_per_weight(hf_model),
-            "wall_time_s": round(time.perf_counter() - start, 1)}
+    written = out.save(hf_model, tokenizer, checkpoint, read_record(source.path) if source.kind == "folder" else {})
+    return {"output": str(output), "size_bytes": out.path.stat().st_size, "file_type": written.file_type,
+            "bits_per_weight": written.bits_per_weight, "wall_time_s": round(time.perf_counter() - start, 1)}
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,8 @@ class _Output:
     path: Optional[Path]
     overwrite: bool
     gguf: bool = False
-    dense_type: str = "Q8_0"
+    dense_type: Optional[str] = None
+    preset: Optional[str] = None  # the llama.cpp file type that ``quantize --gguf`` rounds for
 
     def check(self) -> None:
         """What can be refused before the model is loaded."""
@@ -196,8 +205,8 @@ class _Output:
         check_dense_type(self.dense_type)
         check_output_file(self.path, self.overwrite)
 
-    def save(self, hf_model, tokenizer, model: str, record: dict) -> Optional[int]:
-        """Write atomically; the size written."""
+    def save(self, hf_model, tokenizer, model: str, record: dict):
+        """Write atomically; None (no path), the GGUF writer's :class:`Written`, or the folder's size."""
         if self.path is None:
             return None
         if not self.gguf:
@@ -205,9 +214,19 @@ class _Output:
                 save_quantized(hf_model, tokenizer, staging, record)
             return folder_size(self.path)
         with atomic_output_file(self.path, self.overwrite) as staging:
-            write_gguf(hf_model, gguf_architecture(hf_model), staging, tokenizer_fields(gguf_tokenizer_file(model)),
-                       Path(model).name, self.dense_type, record)
-        return self.path.stat().st_size
+            return write_gguf(hf_model, gguf_architecture(hf_model), staging,
+                              tokenizer_fields(gguf_tokenizer_file(model)), Path(model).name, self.dense_type, record,
+                              self.preset)
+
+    def grids(self, hf_model, recipe: Recipe):
+        """For ``quantize --gguf``: each linear's llama.cpp type (with the recipe's column order), and the recipe
+        with the linears no type fits (F16 in the file) left alone."""
+        if self.preset is None:
+            return None, recipe
+        types = linear_types(hf_model, gguf_architecture(hf_model), self.preset)
+        order = recipe.scheme.weights.actorder
+        grids = {name: replace(kind, actorder=order) for name, kind in types.items() if kind is not None}
+        return grids, replace(recipe, ignore=recipe.ignore + tuple(name for name, kind in types.items() if kind is None))
 
 
 def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen: int, seed: int, output: _Output,
@@ -223,9 +242,11 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
     decoder_blocks(hf_model)
     if output.gguf:
         gguf_architecture(hf_model)
+    grids, recipe = output.grids(hf_model, recipe)
+    described = f"GGUF {output.preset}" if output.preset else recipe.describe()
     windows = None if calibration is None else calibration.windows(tokenizer)
-    with progress_bar(f"{recipe.method.name} {recipe.describe()}", progress) as step:
-        report = quantize_model(hf_model, recipe, windows, batch_size, on_step=step)
+    with progress_bar(f"{recipe.method.name} {described}", progress) as step:
+        report = quantize_model(hf_model, recipe, windows, batch_size, on_step=step, grids=grids)
     fallbacks = fallback_notices(report.fallbacks)
     calib_record = None if calibration is None else calibration.record()
     if report.self_generated:
@@ -243,13 +264,15 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         "group_size_fallbacks": fallbacks,
         "quantization_wall_time_s": round(time.perf_counter() - start, 1),
     }
-    size = output.save(hf_model, tokenizer, model, record)
+    if output.preset:  # the grid is per layer (``layers``); the recipe's scheme was only AWQ's search grid
+        record.update(scheme=described, weights=None, gguf_file_type=output.preset)
+    saved = output.save(hf_model, tokenizer, model, record)
     result = QuantizeResult(
         output_dir=None if output.path is None else str(output.path),
         method=recipe.method.name,
-        scheme=recipe.describe(),
-        bits_per_weight=bits_per_weight(hf_model),
-        size_bytes=size,
+        scheme=described,
+        bits_per_weight=saved.bits_per_weight if output.gguf and saved else bits_per_weight(hf_model),
+        size_bytes=output.path.stat().st_size if output.gguf and saved else saved,
         wall_time_s=time.perf_counter() - start,
         peak_rss_bytes=peak_rss_bytes(),
         layers=len(report.layers),

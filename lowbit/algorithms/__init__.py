@@ -19,7 +19,8 @@ class Method:
     preceded per block by a full-precision ``transform(block, calls, args, smoothings, norm_offset)``.
 
     ``unsuitable(args)`` says why a scheme does not suit the method (None: it does); ``own_grid``: the
-    method keeps its own grid whatever the bit width asked for, so layers kept at 8 bits use RTN.
+    method keeps its own grid whatever the bit width asked for, so layers kept at 8 bits use RTN; ``ggml``: it
+    also rounds onto llama.cpp's grids (:class:`lowbit.schemes.ggml.GGMLType`), for GGUF files.
     """
 
     name: str
@@ -31,6 +32,7 @@ class Method:
     transform: Optional[Callable] = None
     unsuitable: Callable[[QuantizationArgs], Optional[str]] = lambda args: None
     own_grid: bool = False
+    ggml: bool = False
 
 
 def _ternary_unsuitable(args: QuantizationArgs) -> Optional[str]:
@@ -43,16 +45,16 @@ def _ternary_unsuitable(args: QuantizationArgs) -> Optional[str]:
 METHODS = {
     m.name: m
     for m in (
-        Method(name="rtn", quantize=rtn_quantize, summary="round to nearest, no data, seconds"),
+        Method(name="rtn", quantize=rtn_quantize, summary="round to nearest, no data, seconds", ggml=True),
         Method(name="hqq", quantize=hqq_quantize, summary="HQQ: scale and zero point fitted without data"),
         Method(name="ternary", quantize=ternary_quantize, summary="{-1,0,+1}·absmean (BitNet b1.58), no data",
                unsuitable=_ternary_unsuitable, own_grid=True),
         Method(name="gptq", quantize=gptq_quantize, summary="Hessian-aware rounding from calibration text",
-               needs_calibration=True, uses_actorder=True, uses_hessian=True),
+               needs_calibration=True, uses_actorder=True, uses_hessian=True, ggml=True),
         Method(name="awq", quantize=awq_round, summary="activation-aware scales and clipping, then RTN",
-               needs_calibration=True, transform=awq_transform_block),
+               needs_calibration=True, transform=awq_transform_block, ggml=True),
         Method(name="awq+gptq", quantize=gptq_quantize, summary="AWQ's scales, then GPTQ's rounding",
-               needs_calibration=True, uses_actorder=True, uses_hessian=True,
+               needs_calibration=True, uses_actorder=True, uses_hessian=True, ggml=True,
                transform=partial(awq_transform_block, clip=False, rounding=gptq_rounding, n_grid=10)),
     )
 }

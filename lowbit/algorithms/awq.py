@@ -27,6 +27,7 @@ ranges as they are (:func:`awq_round`: min-max; an MSE observer would clip a sec
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Union
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,7 @@ from lowbit.algorithms.smoothing import applicable, first_tokens, fold_scales
 from lowbit.calibration.statistics import HessianAccumulator, capture_inputs, first_input, observe_inputs
 from lowbit.models.architectures import Smoothing
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.ggml import GGMLType
 from lowbit.schemes.grid import dequantize, quantize, resolve_group_size
 
 N_GRID = 20
@@ -147,13 +149,14 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, args: QuantizationArgs, rows_p
     return clipped.to(W.dtype)
 
 
-def awq_round(W: torch.Tensor, H: None, args: QuantizationArgs):
-    """RTN with min-max ranges: after the clipping search, the range of each group is the chosen one.
+def awq_round(W: torch.Tensor, H: None, args: Union[QuantizationArgs, GGMLType]):
+    """RTN with min-max ranges: after the clipping search, the range of each group is the chosen one (a llama.cpp
+    type fits its own).
 
     Measured on SmolLM2 W4 g64 (16k held-out tokens): 45.5 perplexity, against 48.9 when the MSE
     observer shrinks the clipped ranges again (RTN alone: 49.3).
     """
-    return rtn_quantize(W, H, replace(args, observer="minmax"))
+    return rtn_quantize(W, H, args if isinstance(args, GGMLType) else replace(args, observer="minmax"))
 
 
 @torch.no_grad()

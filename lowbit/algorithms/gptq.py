@@ -13,10 +13,13 @@ so one factorisation serves all columns. Updates are applied lazily in blocks of
 
 from __future__ import annotations
 
+from typing import Union
 
 import torch
 
+from lowbit.schemes import ggml
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.ggml import GGMLType, GGMLWeight
 from lowbit.schemes.grid import QuantizedWeight, code_dtype, dequantize_with, fit_qparams, quantize_with
 
 
@@ -35,49 +38,94 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     raise ArithmeticError("the Hessian is not positive definite even after dampening")
 
 
+class _IntGrid:
+    """lowbit's grids (:class:`QuantizationArgs`): one (scale, zero point) per group of columns."""
+
+    def __init__(self, args: QuantizationArgs, cols: int, dtype: torch.dtype):
+        self.args, self.dtype, self.span = args, dtype, args.group_size_for(cols)
+        self.code_dtype = code_dtype(args)
+
+    def fit(self, W: torch.Tensor, importance: torch.Tensor):
+        return fit_qparams(W, self.args, self.dtype)
+
+    def round(self, w: torch.Tensor, fitted, c: int):
+        s, z = fitted
+        q = quantize_with(w[:, None], s, z, self.args)
+        return q[:, 0], dequantize_with(q, s, z, args=self.args)[:, 0]
+
+    def weight(self, Q: torch.Tensor, fits: list) -> QuantizedWeight:
+        zero = None if self.args.symmetric else torch.stack([z for _, z in fits], dim=1)
+        scale = torch.stack([s for s, _ in fits], dim=1).to(self.dtype)
+        return QuantizedWeight(q=Q, scale=scale, zero_point=zero, args=self.args)
+
+
+class _GGMLGrid:
+    """llama.cpp's grids (:class:`GGMLType`): fitted per super-block, weighted by the Hessian's diagonal (what
+    llama.cpp's importance matrix holds), rounded per block."""
+
+    code_dtype = torch.uint8
+
+    def __init__(self, kind: GGMLType):
+        self.kind, self.span = kind, kind.super
+
+    def fit(self, W: torch.Tensor, importance: torch.Tensor):
+        d, sc, dmin, m = ggml.fit(W, self.kind, importance)
+        return (d, sc, dmin, m), ggml.steps(d, sc, dmin, m, self.kind)
+
+    def round(self, w: torch.Tensor, fitted, c: int):
+        dl, ml = fitted[1]
+        j = c // self.kind.block
+        dl, ml = dl[:, j], None if ml is None else ml[:, j]
+        q = ggml.round_codes(w, dl, ml, self.kind)
+        return q, ggml.dequantize_codes(q, dl, ml, self.kind)
+
+    def weight(self, Q: torch.Tensor, fits: list) -> GGMLWeight:
+        parts = list(zip(*(raw for raw, _ in fits)))
+        cat = [None if p[0] is None else torch.cat(p, dim=1) for p in parts]
+        return GGMLWeight(Q, cat[0], cat[1], cat[2], cat[3], self.kind)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    args: QuantizationArgs,
+    args: Union[QuantizationArgs, GGMLType],
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> tuple[QuantizedWeight, float]:
-    """Quantize W [out, in] given H [in, in]; returns the weight on the grid and Σ of the proxy loss.
+) -> tuple[Union[QuantizedWeight, GGMLWeight], float]:
+    """Quantize W [out, in] given H [in, in] onto ``args``' grid (lowbit's, or a llama.cpp type); returns the
+    weight on the grid and Σ of the proxy loss.
 
-    ``args.actorder == "weight"`` visits columns by decreasing diag(H) with *static* groups: each
-    group's scale is fitted on the original contiguous columns before any update, so the saved
-    layout is plain contiguous groups (no g_idx).
+    ``args.actorder == "weight"`` visits columns by decreasing diag(H) with
+    *static* groups: each group's scale is fitted on the original contiguous columns before any update, so the
+    saved layout is plain contiguous groups (no g_idx).
     """
     dtype = W.dtype
     W = W.detach().clone().float()
     H = H.clone()
     rows, cols = W.shape
-    g = args.group_size_for(cols)
+    grid = _GGMLGrid(args) if isinstance(args, GGMLType) else _IntGrid(args, cols, dtype)
+    g = grid.span
     n_groups = cols // g
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    importance = torch.diag(H).clone()
 
-    scale = torch.empty(rows, n_groups, dtype=dtype)
-    zero = None if args.symmetric else torch.empty(rows, n_groups, dtype=torch.int8)
+    fits: list = [None] * n_groups
     static = args.actorder == "weight"
     precomputed = static or n_groups == 1
     if precomputed:
         for j in range(n_groups):
-            s, z = fit_qparams(W[:, j * g : (j + 1) * g], args, dtype)
-            scale[:, j] = s
-            if zero is not None:
-                zero[:, j] = z
+            fits[j] = grid.fit(W[:, j * g : (j + 1) * g], importance[j * g : (j + 1) * g])
 
     perm = torch.arange(cols)
     if static:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    group_of = perm // g
 
     U = _inverse_hessian_cholesky(H, percdamp)
-    Q = torch.zeros(rows, cols, dtype=code_dtype(args))
+    Q = torch.zeros(rows, cols, dtype=grid.code_dtype)
     losses = torch.zeros(rows)
     if not precomputed:
         blocksize = g * max(1, blocksize // g)
@@ -89,17 +137,11 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            j = int(group_of[col])
-            if not precomputed and col % g == 0:
-                s, z = fit_qparams(W1[:, i : i + g], args, dtype)
-                scale[:, j] = s
-                if zero is not None:
-                    zero[:, j] = z
-            s = scale[:, j]
-            z = None if zero is None else zero[:, j]
+            j, c = divmod(int(perm[col]), g)
+            if not precomputed and c == 0:
+                fits[j] = grid.fit(W1[:, i : i + g], importance[col : col + g])
             w = W1[:, i]
-            q = quantize_with(w[:, None], s, z, args)[:, 0]
-            w_hat = dequantize_with(q[:, None], s, z, args=args)[:, 0]
+            q, w_hat = grid.round(w, fits[j], c)
             d = U1[i, i]
             err = (w - w_hat) / d
             losses += err**2 / 2
@@ -110,4 +152,4 @@ def gptq_quantize(
 
     if static:
         Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(q=Q, scale=scale, zero_point=zero, args=args), float(losses.sum())
+    return grid.weight(Q, fits), float(losses.sum())

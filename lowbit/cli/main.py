@@ -92,9 +92,12 @@ def quantize(
         None, "--kv-cache", help="fp8: calibrate the KV cache's static fp8 scales (k_scale, v_scale) and save them"
     ),
     gguf: Optional[str] = typer.Option(
-        None, "--gguf", help="write a GGUF file for llama.cpp instead, rounding onto this type's grid: Q4_0, Q4_1, Q8_0"
+        None, "--gguf", help="write a GGUF file for llama.cpp instead, each linear rounded onto the type llama.cpp's"
+        " file type gives it: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K"
     ),
-    dense: str = typer.Option("Q8_0", help="--gguf: the type of the tensors left in full precision (Q8_0, F16, F32)"),
+    dense: Optional[str] = typer.Option(
+        None, help="--gguf: the type of the tensors no method rounds (Q8_0, F16, F32; default: the file type's choice)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Quantize a model's weights (and with an activation --scheme such as W8A8 or FP8_DYNAMIC its linears'
@@ -103,11 +106,10 @@ def quantize(
     from lowbit.cli.report import emit_json, print_table, quantize_table
 
     if gguf is not None:
-        from lowbit.formats.gguf.blocks import BLOCK, block_type
-
-        kind = block_type(gguf)  # the grid comes from the type; options that contradict it are refused by the API
-        bits, asym = bits or kind.bits, asym or not kind.symmetric
-        group_size = BLOCK if group_size is None else group_size
+        given = [flag for flag, value in (("--bits", bits), ("--group-size", group_size), ("--asym", asym),
+                                          ("--scheme", scheme_name)) if value not in (None, False)]
+        if given:
+            raise LowbitError(f"--gguf {gguf} sets each layer's grid (llama.cpp's type for it); drop {' '.join(given)}")
     scheme = _quantize_scheme(scheme_name, bits, group_size, asym, "weight" if act_order else None, observer)
     _quiet_transformers()
     result = api.quantize(
@@ -139,7 +141,10 @@ def quantize(
 def export(
     checkpoint: str = typer.Argument(..., help="a quantized checkpoint folder (or any model lowbit loads)"),
     output: Path = typer.Option(..., "--output", "-o", help="the GGUF file to write"),
-    dense: str = typer.Option("Q8_0", help="the type of the tensors left in full precision (Q8_0, F16, F32)"),
+    dense: Optional[str] = typer.Option(
+        None, help="the type of the tensors left in full precision (Q8_0, F16, F32; default: what llama.cpp's file"
+        " type of the quantized layers' type gives them)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
@@ -153,8 +158,8 @@ def export(
     if as_json:
         emit_json(result)
     else:
-        print(f"wrote {result['output']}: {result['size_bytes'] / 1e6:.1f} MB, {result['bits_per_weight']:.2f} bits per"
-              f" weight, in {result['wall_time_s']} s")
+        print(f"wrote {result['output']} ({result['file_type']}): {result['size_bytes'] / 1e6:.1f} MB,"
+              f" {result['bits_per_weight']:.2f} bits per weight in the decoder's matrices, in {result['wall_time_s']} s")
 
 
 def _quantize_scheme(name: Optional[str], bits: Optional[int], group_size: Optional[int], asym: bool, actorder,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -42,9 +42,10 @@ from lowbit.models.architectures import architecture_of, decoder_blocks
 from lowbit.models.loader import check_finite
 from lowbit.pipeline.recipe import Recipe, compress_recipe
 from lowbit.pipeline.targets import Targets, select_targets
-from lowbit.quantized.modules import QuantEmbedding, QuantLinear, replace_module
+from lowbit.quantized.modules import QuantEmbedding, QuantLinear, quantized_linear, replace_module
 from lowbit.schemes.activations import static_scale
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.ggml import GGMLType
 from lowbit.schemes.kv_cache import SCALE_NAMES, calibrated_scale
 from lowbit.schemes.grid import QuantizedWeight, group_size_fallback, resolve_group_size
 
@@ -95,8 +96,10 @@ class QuantizationReport:
 class _Rounder:
     """Rounds one layer's weight on the primary scheme or the backup, and swaps the module."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, report: QuantizationReport):
+    def __init__(self, model: nn.Module, recipe: Recipe, report: QuantizationReport,
+                 grids: Optional[dict[str, GGMLType]] = None):
         self.model, self.recipe, self.report = model, recipe, report
+        self.grids = grids or {}  # layers on one of llama.cpp's grids instead of the recipe's
         self.primary: set[str] = set()  # the layers on the primary scheme, set once ranked
         self.cache: dict[str, tuple[QuantizedWeight, Optional[float]]] = {}  # primary roundings made while ranking
         self.scores: dict[str, float] = {}
@@ -108,6 +111,8 @@ class _Rounder:
         if not on_primary:
             backup = get_method("rtn") if method.own_grid else method
             return (*backup.quantize(W, None, self.recipe.backup), None)
+        if name in self.grids:
+            return (*method.quantize(W, H, self.grids[name]), None)
         args = resolve_group_size(requested, W.shape[1])
         qw, loss = self.cache.pop(name, None) or method.quantize(W, H, args)
         return qw, loss, group_size_fallback(requested, args, W.shape[1])
@@ -118,7 +123,7 @@ class _Rounder:
         on_primary = name in self.primary
         qw, loss, fallback = self.round(name, linear.weight.data, H, on_primary)
         acts = self.recipe.scheme.input_activations if in_block else None
-        replace_module(self.model, name, QuantLinear.from_quantized(qw, linear.bias, acts, input_scale))
+        replace_module(self.model, name, quantized_linear(qw, linear.bias, acts, input_scale))
         self._note(name, linear.weight, qw.args, loss, ranked, fallback)
 
     def embedding(self, name: str, embedding: nn.Embedding, tied_head: Optional[str], ranked: bool) -> None:
@@ -129,7 +134,7 @@ class _Rounder:
             replace_module(self.model, tied_head, QuantLinear.from_quantized(qw))
         self._note(name, embedding.weight, qw.args, loss, ranked, fallback)
 
-    def _note(self, name, weight, args: QuantizationArgs, loss, ranked: bool, fallback) -> None:
+    def _note(self, name, weight, args: Union[QuantizationArgs, GGMLType], loss, ranked: bool, fallback) -> None:
         self.report.layers.append(LayerReport(
             name, weight.numel(), args.describe(), args.num_bits, loss, self.scores.get(name), ranked, fallback
         ))
@@ -169,15 +174,17 @@ def quantize_model(
     calibration: Optional[torch.Tensor] = None,
     batch_size: int = 8,
     on_step: Optional[Callable[[int, int], None]] = None,
+    grids: Optional[dict[str, GGMLType]] = None,
 ) -> QuantizationReport:
-    """Apply ``recipe`` to ``model`` in place; ``calibration``: token windows [n, seqlen] (None: no data)."""
+    """Apply ``recipe`` to ``model`` in place; ``calibration``: token windows [n, seqlen] (None: no data);
+    ``grids``: the linears that land on one of llama.cpp's grids instead of the recipe's (a GGUF preset's types)."""
     recipe = recipe.checked(has_data=calibration is not None)
     if recipe.kv_cache_scheme is not None and architecture_of(model).lean is None:
         raise LowbitError(f"a quantized KV cache runs on lowbit's lean decoder, which does not take"
                           f" {model.config.model_type}; drop --kv-cache")
     targets = select_targets(model, recipe.ignore, recipe.embeddings, recipe.include_lm_head)
     report = QuantizationReport(recipe)
-    rounder = _Rounder(model, recipe, report)
+    rounder = _Rounder(model, recipe, report, grids)
     extra_ranked = recipe.embeddings == "ranked"
     rounder.primary = _rank(model, recipe, targets.ranked(extra_ranked), rounder, calibration, report)
     outputs = _quantize_blocks(model, recipe, targets, rounder, calibration, batch_size, on_step, report)

@@ -1,5 +1,6 @@
 """A Linear layer that keeps its weight on the integer grid and dequantizes it when called; with an
-activation scheme its input is quantized first, exactly as the int8/FP8 matmul would see it."""
+activation scheme its input is quantized first, exactly as the int8/FP8 matmul would see it. A weight on one of
+llama.cpp's grids (the GGUF path) gets a :class:`GGMLLinear`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from lowbit.schemes.activations import fake_quantize_activation
 from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.ggml import GGMLWeight
 from lowbit.schemes.grid import QuantizedWeight, code_dtype, dequantize
 
 
@@ -112,6 +114,37 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.args.describe()}"
+
+
+class GGMLLinear(nn.Module):
+    """y = x ŵᵀ + b with ŵ rebuilt from a :class:`GGMLWeight` (codes, block scales) on every call: the linears of
+    a model quantized for a GGUF file, which the GGUF writer encodes as they are."""
+
+    def __init__(self, qw: GGMLWeight, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.out_features, self.in_features = qw.shape
+        self.args = qw.kind
+        for field in ("c", "d", "sc", "dmin", "m"):
+            self.register_buffer(f"weight_{field}", getattr(qw, field))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def quantized_weight(self) -> GGMLWeight:
+        return GGMLWeight(self.weight_c, self.weight_d, self.weight_sc, self.weight_dmin, self.weight_m, self.args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().dequantize(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.args.describe()}"
+
+
+def quantized_linear(qw, bias: Optional[torch.Tensor] = None, input_args: Optional[QuantizationArgs] = None,
+                     input_scale: Optional[torch.Tensor] = None) -> nn.Module:
+    """The module for a rounded weight: :class:`QuantLinear` on a lowbit grid, :class:`GGMLLinear` on a ggml one."""
+    if isinstance(qw, GGMLWeight):
+        return GGMLLinear(qw, bias)
+    return QuantLinear.from_quantized(qw, bias, input_args, input_scale)
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -306,7 +306,9 @@ def test_export_to_gguf_refuses_what_it_cannot_write_in_one_line_and_writes_noth
     target.write_text("mine")
     assert_clean_failure(run("export", g32, "-o", target), "already exists; pass --overwrite")
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q4_0", "--bits", "3"),
-                         "Q4_0 is int4 symmetric in groups of 32; the scheme asks for int3")
+                         "--gguf Q4_0 sets each layer's grid (llama.cpp's type for it); drop --bits")
     assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q5_K"),
-                         "GGUF type 'Q5_K' is not written by lowbit yet")
+                         "GGUF type 'Q5_K' is not written by lowbit; choose one of Q4_0, Q4_1, Q5_0")
+    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q4_K_M",
+                             "--method", "hqq"), "hqq does not round onto llama.cpp's grids; with --gguf use rtn, gptq")
     assert target.read_text() == "mine" and not (tmp_path / "q.gguf").exists()

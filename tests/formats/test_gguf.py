@@ -1,18 +1,21 @@
 """GGUF writing on tiny models built here: llama.cpp's block types hold lowbit's codes unchanged, and the file
 names, orders and describes its tensors as llama.cpp's own converter does (read back with gguf-py)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, quants
 
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf.blocks import TYPES, block_type_for, decode, encode, float16_change, scheme_for
+from lowbit.formats.gguf.blocks import EXACT, decode, encode, exact_type, float16_change, from_grid, qtype
 from lowbit.formats.gguf.metadata import Field
+from lowbit.formats.gguf.presets import Tensor, tensor_types
 from lowbit.formats.gguf.writer import unrepresentable, write_gguf
 from lowbit.models.architectures import architecture_of
-from lowbit.quantized.modules import QuantLinear, replace_module
-from lowbit.schemes import make_scheme, quantize
+from lowbit.quantized.modules import GGMLLinear, QuantLinear, replace_module
+from lowbit.schemes import ggml, make_scheme, quantize
 from tests.conftest import make_model
 
 TOKENIZER = [
@@ -23,15 +26,35 @@ TOKENIZER = [
 ]
 
 
-@pytest.mark.parametrize("name", list(TYPES))
-def test_each_type_holds_lowbits_codes_and_llama_cpp_reads_back_lowbits_weights(name):
-    kind = TYPES[name]
-    qw = quantize(torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02, scheme_for(kind).weights)
-    blocks = encode(qw, kind)
-    block_size, block_bytes = GGML_QUANT_SIZES[kind.qtype]
-    assert blocks.dtype == np.uint8 and blocks.shape == (48, 256 // block_size * block_bytes)
-    got, exact = decode(blocks, kind), qw.dequantize(torch.float32)
-    if kind.symmetric:  # float16 scales, as the scheme stores them: the same numbers
+def _weights(rows=48, cols=512, seed=0):
+    """Rows of different scales, a zero block, an all-positive row and an outlier: what the block fits must meet."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.005, 0.05, rows)[:, None]
+    w[0, :256] = 0
+    w[1] = w[1].abs()
+    w[2, 7] = 1.0
+    return w
+
+
+@pytest.mark.parametrize("name", list(ggml.TYPES))
+def test_every_type_is_encoded_so_that_llama_cpp_reads_back_exactly_lowbits_weights(name):
+    kind = ggml.TYPES[name]
+    w = ggml.quantize(_weights(), kind)
+    blocks = encode(w)
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype(kind)]
+    assert blocks.dtype == np.uint8 and blocks.shape == (48, 512 // block_size * block_bytes)
+    assert int(w.c.max()) <= kind.c_max
+    assert torch.equal(decode(blocks, kind), w.dequantize())
+
+
+@pytest.mark.parametrize("name", list(EXACT))
+def test_lowbits_own_grids_carry_over_code_for_code(name):
+    bits, symmetric = EXACT[name]
+    args = replace(make_scheme(bits, 32, symmetric).weights, scale_dtype="float16")
+    qw = quantize(torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.02, args)
+    w = from_grid(qw)
+    assert w.kind.name == name and torch.equal(w.c.to(torch.int16) - w.kind.mid, qw.q.to(torch.int16))
+    got, exact = decode(encode(w), w.kind), qw.dequantize(torch.float32)
+    if symmetric:  # float16 scales, as the scheme stores them: the same numbers
         assert torch.equal(got, exact)
     else:  # the offset m = −s·(8 + z) is rounded to float16: at most half a float16 step of |m|
         m = (qw.scale.float() * (8 + qw.zero_point.float())).abs().max()
@@ -40,31 +63,54 @@ def test_each_type_holds_lowbits_codes_and_llama_cpp_reads_back_lowbits_weights(
 
 def test_float32_scales_move_by_their_float16_rounding_only():
     qw = quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(1)), make_scheme(4, 32).weights)
-    change = float16_change(qw, TYPES["Q4_0"])
+    change = float16_change(qw)
     assert qw.scale.dtype == torch.float32 and 0 < change < 2**-11
 
 
 def test_which_grids_a_type_holds():
     def kind(bits, group, symmetric=True):
-        found = block_type_for(make_scheme(bits, group, symmetric).weights, 256)
+        found = exact_type(make_scheme(bits, group, symmetric).weights, 256)
         return None if found is None else found.name
 
     assert (kind(4, 32), kind(4, 32, False), kind(8, 32)) == ("Q4_0", "Q4_1", "Q8_0")
     assert kind(4, 64) is None and kind(4, 0) is None and kind(3, 32) is None and kind(8, 0) is None
 
 
-def test_a_scheme_that_contradicts_the_type_is_refused():
-    with pytest.raises(LowbitError, match="Q4_0 is int4 symmetric in groups of 32; the scheme asks for int4 sym g64"):
-        scheme_for(TYPES["Q4_0"], make_scheme(4, 64))
-    assert scheme_for(TYPES["Q4_1"], make_scheme(4, 32, False, observer="minmax")).weights.observer == "minmax"
+def _smollm2_like(preset, layers=30, hidden=576, ffn=1536):
+    """llama.cpp's choice per tensor for a tied model of SmolLM2's shapes (9 heads, 3 KV heads)."""
+    tensors = [Tensor("token_embd.weight", hidden)]
+    for i in range(layers):
+        tensors += [Tensor(f"blk.{i}.{n}.weight", hidden) for n in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                     "ffn_gate", "ffn_up")]
+        tensors.append(Tensor(f"blk.{i}.ffn_down.weight", ffn))
+    types = tensor_types(preset, tensors, layers, 3, tied=True)
+    return {name: None if kind is None else kind.name for name, kind in types.items()}
+
+
+def test_a_preset_bumps_and_falls_back_as_llama_quantize_does():
+    q4km = _smollm2_like("Q4_K_M")
+    more_bits = [i for i in range(30) if i < 3 or i >= 26 or (i - 3) % 3 == 2]  # llama.cpp's use_more_bits(i, 30)
+    for i in range(30):
+        assert q4km[f"blk.{i}.attn_v.weight"] == ("Q8_0" if i in more_bits else "Q5_0")  # Q6_K / Q4_K need 256 | 576
+        assert q4km[f"blk.{i}.ffn_down.weight"] == ("Q6_K" if i in more_bits else "Q4_K")  # 1536 = 6 · 256
+        assert q4km[f"blk.{i}.attn_q.weight"] == "Q5_0"
+    assert q4km["token_embd.weight"] == "Q8_0"  # tied: the output's Q6_K, which falls back at 576
+    q3km = _smollm2_like("Q3_K_M")
+    assert [q3km[f"blk.{i}.ffn_down.weight"] for i in (0, 1, 2)] == ["Q5_K", "Q4_K", "Q4_K"]
+    assert (q3km["blk.0.attn_v.weight"], q3km["blk.2.attn_v.weight"], q3km["blk.5.attn_output.weight"],
+            q3km["blk.5.ffn_up.weight"]) == ("Q5_1", "Q5_0", "Q5_0", "Q4_0")
+    q2k = _smollm2_like("Q2_K", hidden=512, ffn=1536)  # a width 256 divides: no fallback
+    assert (q2k["blk.3.attn_q.weight"], q2k["blk.3.attn_v.weight"], q2k["blk.3.ffn_down.weight"],
+            q2k["token_embd.weight"]) == ("Q2_K", "Q3_K", "Q3_K", "Q6_K")
+    assert _smollm2_like("Q4_0", hidden=80)["blk.0.attn_q.weight"] is None  # 32 does not divide 80 either: F16
 
 
 def _quantized_tiny(kind_name: str):
     model = make_model(128, hidden=64, intermediate=96)
-    args = scheme_for(TYPES[kind_name]).weights
+    kind = ggml.TYPES[kind_name]
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
-            replace_module(model, name, QuantLinear.from_quantized(quantize(module.weight.detach(), args)))
+            replace_module(model, name, GGMLLinear(ggml.quantize(module.weight.detach(), kind)))
     return model
 
 

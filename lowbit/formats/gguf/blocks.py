@@ -1,123 +1,156 @@
-"""lowbit's integer grids as llama.cpp's block types, code for code.
+"""ggml's block layouts: a :class:`~lowbit.schemes.ggml.GGMLWeight` as the bytes llama.cpp reads, and back.
 
-Each type stores blocks of 32 weights of one row (``BLOCK``):
+The encoder is lowbit's own (gguf-py can only dequantize K-quants); :func:`decode` is gguf-py's reference
+dequantizer, so ``decode(encode(w)) == w.dequantize()`` bit for bit is the test that the layout is right.
 
-    Q4_0: float16 d, 16 bytes of codes c ∈ [0, 15]            w = d·(c − 8)      int4 symmetric, groups of 32
-    Q4_1: float16 d, float16 m, 16 bytes of codes c ∈ [0, 15]   w = d·c + m        int4 asymmetric, groups of 32
-    Q8_0: float16 d, 32 signed bytes q                         w = d·q            int8 symmetric, groups of 32
+Three of lowbit's own integer grids are ggml types code for code (``EXACT``): a lowbit weight
+ŵ = (q − z)·s with q ∈ [−8, 7] (4 bits) or [−128, 127] (8 bits) is
 
-byte i of a 4-bit block holds c[i] in its low nibble and c[i + 16] in its high one (lowbit's own 4-bit layout).
-lowbit's grids store w = (q − z)·s with q ∈ [−8, 7] for 4 bits (z = 0 when symmetric), so
+    Q4_0: c = q + 8,   d = s                   (symmetric int4, groups of 32)
+    Q4_1: c = q + 8,   d = s,  m = −s·(8 + z)  (asymmetric int4, groups of 32)
+    Q8_0: c = q + 128, d = s                   (symmetric int8, groups of 32)
 
-    c = q + 8,   d = s,   m = −s·(8 + z),
-
-the codes carry over unchanged and only d and m are rounded to float16 on the way (:func:`float16_change`
-measures what that moves).
+and only d and m are rounded to float16 on the way (:func:`float16_change` measures what that moves).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from lowbit.errors import LowbitError
-from lowbit.schemes.args import QuantizationArgs, QuantizationScheme, make_scheme
+from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.ggml import TYPES, GGMLType, GGMLWeight, quantize
 from lowbit.schemes.grid import QuantizedWeight
 
 BLOCK = 32
+EXACT = {"Q4_0": (4, True), "Q4_1": (4, False), "Q8_0": (8, True)}  # type → (bits, symmetric) of the lowbit grid
 
 
-@dataclass(frozen=True)
-class BlockType:
-    """A GGUF block type that holds one lowbit grid exactly."""
-
-    name: str
-    bits: int
-    symmetric: bool
-
-    @property
-    def qtype(self) -> GGMLQuantizationType:
-        return GGMLQuantizationType[self.name]
-
-    def describe(self) -> str:
-        return f"int{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} in groups of {BLOCK}"
-
-    def holds(self, args: QuantizationArgs, in_features: int) -> bool:
-        return (args.type == "int" and args.num_bits == self.bits and bool(args.symmetric) == self.symmetric
-                and args.zp_dtype is None and args.group_size_for(in_features) == BLOCK)
+def qtype(kind: GGMLType) -> GGMLQuantizationType:
+    return GGMLQuantizationType[kind.name]
 
 
-TYPES = {t.name: t for t in (BlockType("Q4_0", 4, True), BlockType("Q4_1", 4, False), BlockType("Q8_0", 8, True))}
+def exact_type(args: QuantizationArgs, in_features: int) -> Optional[GGMLType]:
+    """The ggml type that holds this lowbit grid code for code, or None."""
+    for name, (bits, symmetric) in EXACT.items():
+        if (args.type == "int" and args.num_bits == bits and bool(args.symmetric) == symmetric
+                and args.zp_dtype is None and args.group_size_for(in_features) == BLOCK):
+            return TYPES[name]
+    return None
 
 
-def block_type_for(args: QuantizationArgs, in_features: int) -> Optional[BlockType]:
-    """The GGUF type that holds this grid code for code, or None."""
-    return next((t for t in TYPES.values() if t.holds(args, in_features)), None)
+def exact_types_described() -> str:
+    return "; ".join(f"{name} is int{bits} {'symmetric' if sym else 'asymmetric'} in groups of {BLOCK}"
+                     for name, (bits, sym) in EXACT.items())
 
 
-def _half_bytes(x: torch.Tensor) -> np.ndarray:
-    """float16 values [..., n] as their bytes [..., 2n]."""
-    return x.to(torch.float16).contiguous().numpy().view(np.uint8)
-
-
-def encode(qw: QuantizedWeight, kind: BlockType) -> np.ndarray:
-    """The weight's blocks in ``kind``: uint8 [out, in/32 · bytes per block], rows in the weight's order."""
-    N, K = qw.shape
-    if not kind.holds(qw.args, K):
-        raise ValueError(f"a {qw.args.describe()} grid is not {kind.name} ({kind.describe()})")
-    G = K // BLOCK
-    q = qw.q.to(torch.int16).reshape(N, G, BLOCK)
-    s = qw.scale.float().reshape(N, G, 1)
-    d = _half_bytes(s)
-    if kind.bits == 8:
-        return np.concatenate([d, q.to(torch.int8).numpy().view(np.uint8)], axis=-1).reshape(N, -1)
-    c = (q + 8).to(torch.uint8)
-    nibbles = (c[..., :16] | (c[..., 16:] << 4)).numpy()
-    if kind.symmetric:
-        return np.concatenate([d, nibbles], axis=-1).reshape(N, -1)
-    z = qw.zero_point.float().reshape(N, G, 1)
-    return np.concatenate([d, _half_bytes(-s * (8 + z)), nibbles], axis=-1).reshape(N, -1)
-
-
-def decode(blocks: np.ndarray, kind: BlockType) -> torch.Tensor:
-    """What llama.cpp computes from the blocks (gguf-py's reference dequantization), float32 [out, in]."""
-    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, kind.qtype)))
-
-
-def float16_change(qw: QuantizedWeight, kind: BlockType) -> float:
-    """max |w_gguf − w_lowbit| / max |w_lowbit|: what rounding d (and m) to float16 moves."""
-    exact = qw.dequantize(torch.float32)
-    return float((decode(encode(qw, kind), kind) - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
-
-
-def round_to_nearest(weight: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """A full-precision weight in one of llama.cpp's types by llama.cpp's own rounding (gguf-py's reference,
-    bit-exact with ggml-quants.c for the types it can quantize), for the tensors lowbit did not quantize."""
-    return quants.quantize(weight.detach().float().contiguous().numpy(), qtype)
-
-
-def block_type(name: str) -> BlockType:
-    """A type by its name, or a message naming those lowbit writes."""
-    kind = TYPES.get(name.upper())
+def from_grid(qw: QuantizedWeight) -> GGMLWeight:
+    """A lowbit weight on an ``EXACT`` grid as that ggml type (float16 d and m)."""
+    n, k = qw.shape
+    kind = exact_type(qw.args, k)
     if kind is None:
-        raise LowbitError(f"GGUF type {name!r} is not written by lowbit yet; choose one of {', '.join(TYPES)}")
-    return kind
+        raise ValueError(f"a {qw.args.describe()} grid is no ggml type; {exact_types_described()}")
+    s = qw.scale.float()
+    ones = torch.ones(n, k // BLOCK, dtype=torch.int16)
+    c = (qw.q.to(torch.int16) + kind.mid).to(torch.uint8)
+    if not kind.affine:
+        return GGMLWeight(c, s.half(), ones, None, None, kind)
+    return GGMLWeight(c, s.half(), ones, (s * (kind.mid + qw.zero_point.float())).half(), ones, kind)
 
 
-def scheme_for(kind: BlockType, like: Optional[QuantizationScheme] = None) -> QuantizationScheme:
-    """The weight-only scheme ``kind`` holds exactly, with GGUF's float16 scales (codes are rounded against the scales
-    the file will store), keeping ``like``'s observer and column order; ``like`` asking for another grid is refused."""
-    base = make_scheme(kind.bits, BLOCK, kind.symmetric)
-    if like is None:
-        weights = base.weights
-    else:
-        if like.input_activations is not None:
-            raise LowbitError(f"GGUF {kind.name} holds weights only; drop the activation scheme")
-        if not kind.holds(replace(like.weights, scale_dtype=None), BLOCK * 4):
-            raise LowbitError(f"GGUF {kind.name} is {kind.describe()}; the scheme asks for {like.weights.describe()}")
-        weights = like.weights
-    return replace(base, weights=replace(weights, scale_dtype="float16"))
+def _u8(x: torch.Tensor) -> np.ndarray:
+    return x.contiguous().numpy().astype(np.uint8)
+
+
+def _half(x: torch.Tensor, blocks: int) -> np.ndarray:
+    """float16 values → [blocks, 2] bytes."""
+    return x.to(torch.float16).contiguous().numpy().reshape(blocks, 1).view(np.uint8)
+
+
+def _bits(c: np.ndarray, shift: int, width: int, groups: int) -> np.ndarray:
+    """Pack ``(c >> shift)``'s low ``width`` bits, c [B, groups·n], as byte i = Σ_k part[k·n + i] << (k·width)."""
+    part = (c >> shift) & ((1 << width) - 1)
+    part = part.reshape(c.shape[0], groups, -1)
+    return np.bitwise_or.reduce(part << (np.arange(groups, dtype=np.uint8) * width)[None, :, None], axis=1)
+
+
+def _interleaved(c: np.ndarray, chunk: int, shift: int, width: int) -> np.ndarray:
+    """Each ``chunk`` of c [B, super] packed by :func:`_bits` (8 / width groups per byte), chunks concatenated."""
+    B = c.shape[0]
+    parts = c.reshape(B, -1, chunk)
+    packed = [_bits(parts[:, j], shift, width, 8 // width) for j in range(parts.shape[1])]
+    return np.concatenate(packed, axis=-1)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes holding eight 6-bit scales and eight 6-bit mins."""
+    lo_s, hi_s, lo_m, hi_m = sc[:, :4], sc[:, 4:], m[:, :4], m[:, 4:]
+    return np.concatenate([lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 0xF) | ((hi_m & 0xF) << 4)],
+                          axis=-1).astype(np.uint8)
+
+
+def _q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 bytes holding sixteen 6-bit scales (stored + 32)."""
+    low = (s[:, :8] & 0xF) | ((s[:, 8:] & 0xF) << 4)
+    return np.concatenate([low, _bits(s, 4, 2, 4)], axis=-1).astype(np.uint8)
+
+
+def encode(w: GGMLWeight) -> np.ndarray:
+    """The weight's blocks: uint8 [out, in / super · bytes per super-block], rows in the weight's order."""
+    kind = w.kind
+    N, K = w.shape
+    B = N * K // kind.super
+    c = _u8(w.c).reshape(B, kind.super)
+    d = _half(w.d, B)
+    per = kind.super // kind.block
+    if kind.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        qs = (c[:, :16] & 0xF) | ((c[:, 16:] & 0xF) << 4)
+        qh = [] if kind.bits == 4 else [np.packbits(c >> 4, axis=-1, bitorder="little")]
+        m = [] if not kind.affine else [_half(-w.dmin.float(), B)]
+        return np.concatenate([d, *m, *qh, qs], axis=-1).reshape(N, -1)
+    if kind.name == "Q8_0":
+        return np.concatenate([d, (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)], axis=-1).reshape(N, -1)
+    sc = w.sc.numpy().reshape(B, per)
+    if kind.name == "Q6_K":
+        ql = _interleaved(c & 0xF, 128, 0, 4)
+        qh = _interleaved(c, 128, 4, 2)
+        return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), d], axis=-1).reshape(N, -1)
+    if kind.name == "Q3_K":
+        hmask = _bits(c, 2, 1, 8)
+        qs = _interleaved(c, 128, 0, 2)
+        return np.concatenate([hmask, qs, _q3_scales((sc + 32).astype(np.uint8)), d], axis=-1).reshape(N, -1)
+    dmin = _half(w.dmin, B)
+    m = w.m.numpy().reshape(B, per).astype(np.uint8)
+    if kind.name == "Q2_K":
+        scales = (sc.astype(np.uint8) & 0xF) | (m << 4)
+        return np.concatenate([scales, _interleaved(c, 128, 0, 2), d, dmin], axis=-1).reshape(N, -1)
+    scales = _k_scales(sc.astype(np.uint8), m)
+    qs = _interleaved(c & 0xF, 64, 0, 4)
+    if kind.name == "Q4_K":
+        return np.concatenate([d, dmin, scales, qs], axis=-1).reshape(N, -1)
+    return np.concatenate([d, dmin, scales, _bits(c, 4, 1, 8), qs], axis=-1).reshape(N, -1)  # Q5_K
+
+
+def decode(blocks: np.ndarray, kind: GGMLType) -> torch.Tensor:
+    """What llama.cpp computes from the blocks (gguf-py's reference dequantization), float32 [out, in]."""
+    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, qtype(kind))))
+
+
+def float16_change(qw: QuantizedWeight) -> float:
+    """max |w_gguf − w_lowbit| / max |w_lowbit| of a lowbit weight on an ``EXACT`` grid: what rounding d (and m)
+    to float16 moves."""
+    exact = qw.dequantize(torch.float32)
+    return float((from_grid(qw).dequantize() - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
+
+
+def round_to_nearest(weight: torch.Tensor, kind: GGMLType) -> np.ndarray:
+    """A full-precision weight in ``kind``, for the tensors no method rounded: llama.cpp's own rounding
+    (gguf-py's bit-exact port of ggml-quants.c) where gguf-py has it, else lowbit's fitted grid."""
+    w = weight.detach().float().contiguous()
+    try:
+        return quants.quantize(w.numpy(), qtype(kind))
+    except NotImplementedError:
+        return encode(quantize(w, kind))

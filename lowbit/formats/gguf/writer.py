@@ -2,11 +2,13 @@
 
 Tensors get llama.cpp's names (gguf-py's own name map for the family) and types:
 
-- quantized linears: their codes and scales in the block type that holds their grid exactly (:mod:`.blocks`);
-  a grid no type holds is refused, naming the types;
-- full-precision matrices (the embedding table, an untied or ignored output projection, any linear left in
-  full precision): ``dense_type`` by llama.cpp's own rounding (Q8_0 by default, as llama.cpp's converter
-  writes the embedding table of such files), float16 where the row width is not a multiple of 32;
+- linears on one of llama.cpp's grids (:class:`GGMLLinear`, made by ``lowbit quantize --gguf``): their codes and
+  block scales as they are;
+- linears on a lowbit grid: the type that holds it code for code (:mod:`.blocks` ``EXACT``); a grid no type
+  holds is refused, naming the types;
+- other matrices (the embedding table, an untied output projection, linears left in full precision): the type
+  the file type's rules give them (:mod:`.presets`, llama.cpp's own rounding where gguf-py has it), or
+  ``dense_type`` (Q8_0, F16, F32) when asked; float16 where the row width is not a multiple of 32;
 - vectors (norms, biases): float32; Gemma's norms as 1 + w, the form llama.cpp multiplies by.
 
 Llama-style families get the q/k output-row permutation llama.cpp's converter applies; quantized rows move with
@@ -16,6 +18,7 @@ their scales, so it is exact.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,22 +29,24 @@ import torch.nn as nn
 from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, GGUFWriter, LlamaFileType, get_tensor_name_map
 
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf.blocks import BLOCK, TYPES, block_type_for, encode, round_to_nearest
+from lowbit.formats.gguf.blocks import BLOCK, encode, exact_type, exact_types_described, from_grid, qtype, round_to_nearest
 from lowbit.formats.gguf.metadata import Field, add_fields, add_hyperparameters
-from lowbit.quantized.modules import QuantEmbedding, QuantLinear
-from lowbit.schemes.grid import QuantizedWeight
+from lowbit.formats.gguf.presets import PRESETS, Tensor, file_type, tensor_types
+from lowbit.quantized.modules import GGMLLinear, QuantEmbedding, QuantLinear
+from lowbit.schemes.ggml import TYPES, GGMLType, GGMLWeight
 
-FILE_TYPES = {"Q4_0": LlamaFileType.MOSTLY_Q4_0, "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q8_0": LlamaFileType.MOSTLY_Q8_0}
 DENSE_TYPES = ("Q8_0", "F16", "F32")
+QUANTIZED = (QuantLinear, QuantEmbedding, GGMLLinear)
 
 
 @dataclass
 class Written:
-    """What went into the file: tensor counts by type, and the quantized linears' type."""
+    """What went into the file: tensor counts by type, the file type, and the decoder linears' bits per weight."""
 
     path: Path
     types: dict[str, int] = field(default_factory=dict)
     file_type: str = "F32"
+    bits_per_weight: float = float("nan")
 
 
 def _row_order(rows: int, heads: int) -> torch.Tensor:
@@ -49,42 +54,56 @@ def _row_order(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _take_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
-    zp = None if qw.zero_point is None else qw.zero_point[order]
-    return QuantizedWeight(qw.q[order], qw.scale[order], zp, qw.args)
+def _take_rows(w: GGMLWeight, order: torch.Tensor) -> GGMLWeight:
+    """The weight with its rows (and their block scales) in ``order``."""
+    pick = [None if x is None else x[order] for x in (w.c, w.d, w.sc, w.dmin, w.m)]
+    return GGMLWeight(*pick, w.kind)
+
+
+def _as_ggml(module: nn.Module) -> GGMLWeight:
+    qw = module.quantized_weight()
+    return qw if isinstance(qw, GGMLWeight) else from_grid(qw)
 
 
 def unrepresentable(model: nn.Module) -> list[str]:
-    """The quantized linears whose grid no GGUF type holds exactly, as "name: grid"."""
+    """The lowbit-grid linears whose grid no GGUF type holds exactly, as "name: grid"."""
     return [f"{name}: {m.args.describe()}" for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding)) and block_type_for(m.args, m.weight_q.shape[1]) is None]
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and exact_type(m.args, m.weight_q.shape[1]) is None]
 
 
-def check_dense_type(dense_type: str) -> None:
-    if dense_type not in DENSE_TYPES:
+def check_dense_type(dense_type: Optional[str]) -> None:
+    if dense_type is not None and dense_type not in DENSE_TYPES:
         raise LowbitError(f"full-precision tensors as {dense_type!r}? choose one of {', '.join(DENSE_TYPES)}")
 
 
 def check_representable(model: nn.Module) -> None:
     bad = unrepresentable(model)
     if bad:
-        kinds = "; ".join(f"{t.name} is {t.describe()}" for t in TYPES.values())
         raise LowbitError(f"{len(bad)} quantized layers have a grid no GGUF type holds exactly ({bad[0]}"
-                          f"{', …' if len(bad) > 1 else ''}): {kinds}. Quantize again with --gguf TYPE")
+                          f"{', …' if len(bad) > 1 else ''}): {exact_types_described()}. Quantize again with --gguf TYPE")
 
 
 class _Tensors:
-    """Turns a model's modules into named GGUF tensors, in order."""
+    """Turns a model's modules into named GGUF tensors, in order, each matrix in its planned type."""
 
-    def __init__(self, model: nn.Module, arch, dense_type: str):
+    def __init__(self, model: nn.Module, arch, preset: Optional[str] = None, dense_type: Optional[str] = None):
         config = model.config
-        self.arch, self.dense_type = arch, dense_type
+        self.arch = arch
         self.names = get_tensor_name_map(_model_arch(arch.gguf.name), config.num_hidden_layers)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         lay = arch.lean
         self.heads_of = {lay.q: heads, lay.k: kv_heads} if arch.gguf.permute_qk else {}
-        self.types: dict[str, int] = {}
+        head, table = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
+        codes = getattr(head, "weight_q", None)
+        self.tied = getattr(head, "weight", None) is getattr(table, "weight", object()) or (
+            codes is not None and codes is getattr(table, "weight_q", None))
+        self.preset = preset or _implied_preset(model)
+        self.dense_type = dense_type or (None if self.preset else "Q8_0")
+        self.plan = {} if self.preset is None else tensor_types(
+            self.preset, list(self.matrices(model)), config.num_hidden_layers, heads // kv_heads, self.tied)
+        self.types: Counter = Counter()
+        self.block_bits = self.block_weights = 0
 
     def gguf_name(self, name: str) -> str:
         out = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -98,66 +117,108 @@ class _Tensors:
                 return _row_order(rows, heads)
         return None
 
-    def quantized(self, name: str, qw: QuantizedWeight) -> tuple[str, np.ndarray, GGMLQuantizationType]:
-        kind = block_type_for(qw.args, qw.shape[1])
-        order = self._order(name, qw.shape[0])
-        blocks = encode(qw if order is None else _take_rows(qw, order), kind)
-        self._count(kind.name)
-        return self.gguf_name(name + ".weight"), blocks, kind.qtype
+    def _walk(self, model: nn.Module):
+        """(name, module) of every module whose tensors go into the file; a tied output projection not again."""
+        for name, module in model.named_modules():
+            if not (self.tied and name == self.arch.lm_head):
+                yield name, module
+
+    def matrices(self, model: nn.Module):
+        """A :class:`Tensor` per matrix the file holds, for the file type's rules."""
+        for name, module in self._walk(model):
+            if isinstance(module, QUANTIZED):
+                yield Tensor(self.gguf_name(name + ".weight"), module.quantized_weight().shape[1])
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 2:
+                    yield Tensor(self.gguf_name(f"{name}.{pname}"), p.shape[1])
+
+    def quantized(self, name: str, module: nn.Module) -> tuple[str, np.ndarray, GGMLQuantizationType]:
+        w = _as_ggml(module)
+        order = self._order(name, w.shape[0])
+        gguf_name = self.gguf_name(name + ".weight")
+        return self._add(gguf_name, encode(w if order is None else _take_rows(w, order)), w.kind, w.c.numel())
 
     def dense(self, name: str, weight: torch.Tensor, module_name: str = "") -> tuple[str, np.ndarray, GGMLQuantizationType]:
         w = weight.detach().float()
         order = self._order(module_name, w.shape[0]) if module_name else None
         if order is not None:  # a q or k projection's weight or bias
             w = w[order]
+        gguf_name = self.gguf_name(name)
         if w.dim() == 1:
             if name.endswith("norm.weight") and self.arch.norm_offset:
                 w = w + self.arch.norm_offset
-            self._count("F32")
-            return self.gguf_name(name), w.contiguous().numpy(), GGMLQuantizationType.F32
-        kind = self.dense_type if w.shape[1] % BLOCK == 0 or self.dense_type == "F32" else "F16"
-        self._count(kind)
-        if kind == "F32":
-            return self.gguf_name(name), w.contiguous().numpy(), GGMLQuantizationType.F32
-        if kind == "F16":
-            return self.gguf_name(name), w.half().contiguous().numpy(), GGMLQuantizationType.F16
-        qtype = GGMLQuantizationType[kind]
-        return self.gguf_name(name), round_to_nearest(w, qtype), qtype
+            return self._add(gguf_name, w.contiguous().numpy(), "F32", w.numel())
+        kind = self._dense_kind(gguf_name, w.shape[1])
+        if isinstance(kind, GGMLType):
+            return self._add(gguf_name, round_to_nearest(w, kind), kind, w.numel())
+        data = w.contiguous().numpy() if kind == "F32" else w.half().contiguous().numpy()
+        return self._add(gguf_name, data, kind, w.numel())
 
-    def _count(self, kind: str) -> None:
-        self.types[kind] = self.types.get(kind, 0) + 1
+    def _dense_kind(self, gguf_name: str, columns: int):
+        """A GGMLType, or "F16"/"F32"."""
+        if self.dense_type is None:
+            return self.plan[gguf_name] or "F16"
+        if self.dense_type == "F32" or (self.dense_type != "F16" and columns % BLOCK == 0):
+            return TYPES.get(self.dense_type, self.dense_type)
+        return "F16"
+
+    def _add(self, gguf_name: str, data: np.ndarray, kind, numel: int):
+        name = kind.name if isinstance(kind, GGMLType) else kind
+        self.types[name] += 1
+        if gguf_name.startswith("blk.") and data.ndim == 2:
+            self.block_bits += data.nbytes * 8
+            self.block_weights += numel
+        return gguf_name, data, qtype(kind) if isinstance(kind, GGMLType) else GGMLQuantizationType[kind]
 
     def of(self, model: nn.Module):
-        """(gguf name, data, type) for every tensor llama.cpp needs, a tied output projection once."""
-        head = model.get_submodule(self.arch.lm_head)
-        table = model.get_submodule(self.arch.embed)
-        codes = getattr(head, "weight_q", None)
-        tied = getattr(head, "weight", None) is getattr(table, "weight", object()) or (
-            codes is not None and codes is getattr(table, "weight_q", None))
-        for name, module in model.named_modules():
-            if tied and name == self.arch.lm_head:
-                continue
-            if isinstance(module, (QuantLinear, QuantEmbedding)):
-                yield self.quantized(name, module.quantized_weight())
+        """(gguf name, data, type) for every tensor llama.cpp needs."""
+        for name, module in self._walk(model):
+            if isinstance(module, QUANTIZED):
+                yield self.quantized(name, module)
                 if getattr(module, "bias", None) is not None:
                     yield self.dense(name + ".bias", module.bias, name)
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 yield self.dense(f"{name}.{pname}", p, name)
 
+    def file_type(self) -> tuple[str, LlamaFileType]:
+        if self.preset:
+            return self.preset, file_type(self.preset)
+        return ("F16", LlamaFileType.MOSTLY_F16) if self.dense_type == "F16" else ("F32", LlamaFileType.ALL_F32)
+
+
+def _implied_preset(model: nn.Module) -> Optional[str]:
+    """The file type of a model whose linears are quantized: their most common type (None: none are)."""
+    kinds = Counter(_as_ggml(m).kind.name if isinstance(m, GGMLLinear) else exact_type(m.args, m.weight_q.shape[1]).name
+                    for m in model.modules() if isinstance(m, (QuantLinear, GGMLLinear)))
+    name = kinds.most_common(1)[0][0] if kinds else None
+    return name if name in PRESETS else None
+
 
 def _model_arch(name: str):
     return next(a for a, n in MODEL_ARCH_NAMES.items() if n == name)
 
 
-def write_gguf(model: nn.Module, arch, path: Path, tokenizer: list[Field], name: str, dense_type: str = "Q8_0",
-               record: Optional[dict] = None) -> Written:
+def linear_types(model: nn.Module, arch, preset: str) -> dict[str, Optional[GGMLType]]:
+    """The type of each Linear of ``model`` (module name → type; None: F16) in a ``preset`` file."""
+    tensors = _Tensors(model, arch, preset)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not (tensors.tied and name == arch.lm_head):
+            out[name] = tensors.plan[tensors.gguf_name(name + ".weight")]
+    return out
+
+
+def write_gguf(model: nn.Module, arch, path: Path, tokenizer: list[Field], name: str, dense_type: Optional[str] = None,
+               record: Optional[dict] = None, preset: Optional[str] = None) -> Written:
     """Write ``model`` (full precision or with lowbit's quantized linears) to ``path`` with the tokenizer fields and,
     under ``lowbit.recipe``, how it was made. ``arch``: the family's record
-    (:class:`lowbit.models.architectures.Architecture`, its ``gguf`` set)."""
+    (:class:`lowbit.models.architectures.Architecture`, its ``gguf`` set). ``preset``: the llama.cpp file type
+    whose rules type the matrices no method rounded (default: that of the quantized linears)."""
     check_dense_type(dense_type)
     check_representable(model)
-    tensors = _Tensors(model, arch, dense_type)
+    tensors = _Tensors(model, arch, preset, dense_type)
     writer = GGUFWriter(path, arch.gguf.name)
     writer.add_name(name)
     add_hyperparameters(writer, model.config, arch.gguf)
@@ -165,14 +226,14 @@ def write_gguf(model: nn.Module, arch, path: Path, tokenizer: list[Field], name:
     if record:
         writer.add_string("lowbit.recipe", json.dumps(record))
     with torch.no_grad():
-        for gguf_name, data, qtype in tensors.of(model):
-            writer.add_tensor(gguf_name, data, raw_dtype=qtype)
-    linear = {k: v for k, v in tensors.types.items() if k in FILE_TYPES}
-    file_type = max(linear, key=linear.get) if linear else ("F16" if dense_type == "F16" else "F32")
-    writer.add_file_type(FILE_TYPES.get(file_type, LlamaFileType.MOSTLY_F16 if file_type == "F16" else LlamaFileType.ALL_F32))
+        for gguf_name, data, kind in tensors.of(model):
+            writer.add_tensor(gguf_name, data, raw_dtype=kind)
+    label, ftype = tensors.file_type()
+    writer.add_file_type(ftype)
     writer.add_quantization_version(2)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return Written(Path(path), dict(tensors.types), file_type)
+    bpw = tensors.block_bits / tensors.block_weights if tensors.block_weights else float("nan")
+    return Written(Path(path), dict(tensors.types), label, bpw)
