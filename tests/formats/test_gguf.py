@@ -192,3 +192,40 @@ def test_a_grid_no_type_holds_is_refused_naming_the_types(tmp_path):
     with pytest.raises(LowbitError, match="no GGUF type holds exactly .*Q4_0 is int4 symmetric in groups of 32"):
         write_gguf(model, architecture_of(model), tmp_path / "x.gguf", TOKENIZER, "x")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_k_quant_preset_is_rounded_layer_by_layer_onto_llama_cpps_mix_and_written_as_it_was_rounded(tmp_path, method):
+    """Q4_K_M on a tiny Llama whose widths 256 divides: the pipeline rounds each linear onto the type llama.cpp
+    gives it (Q6_K for attn_v / ffn_down in use_more_bits' layers, Q4_K elsewhere, the tied table Q6_K by RTN),
+    and every tensor in the file reads back as exactly the weight lowbit computed."""
+    from lowbit.algorithms import get_method
+    from lowbit.formats.gguf.presets import search_scheme
+    from lowbit.formats.gguf.writer import linear_types
+    from lowbit.pipeline.quantize import quantize_model
+    from lowbit.pipeline.recipe import Recipe
+
+    model = make_model(128, hidden=256, intermediate=512, layers=8)
+    arch = architecture_of(model)
+    grids = {n: replace(k, actorder="weight") for n, k in linear_types(model, arch, "Q4_K_M").items() if k}
+    recipe = Recipe(search_scheme("Q4_K_M", "weight"), get_method(method))
+    calibration = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, recipe, calibration if method == "gptq" else None, grids=grids)
+    written = write_gguf(model, arch, tmp_path / "q4km.gguf", TOKENIZER, "tiny", preset="Q4_K_M")
+    _, tensors = _tensors(tmp_path / "q4km.gguf")
+    more_bits = {0, 3, 6, 7}  # use_more_bits(i, 8)
+    for i, layer in enumerate(model.model.layers):
+        for gguf_name, module in (("attn_v", layer.self_attn.v_proj), ("ffn_down", layer.mlp.down_proj),
+                                  ("ffn_up", layer.mlp.up_proj), ("attn_output", layer.self_attn.o_proj)):
+            t = tensors[f"blk.{i}.{gguf_name}.weight"]
+            bumped = gguf_name in ("attn_v", "ffn_down") and i in more_bits
+            assert isinstance(module, GGMLLinear) and module.args.name == t.tensor_type.name == ("Q6_K" if bumped else "Q4_K")
+            got = torch.from_numpy(quants.dequantize(t.data, t.tensor_type).copy())
+            assert torch.equal(got, module.quantized_weight().dequantize())
+    assert tensors["token_embd.weight"].tensor_type.name == "Q6_K" and written.file_type == "Q4_K_M"
+    assert written.types == {"Q4_K": 48, "Q6_K": 9, "F32": 17}  # 8 × 7 linears, 8 of them bumped; the table
+    linears = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    bits = {name: 8 * size / block for name, (block, size) in
+            ((n, GGML_QUANT_SIZES[qtype(ggml.TYPES[n])]) for n in ("Q4_K", "Q6_K"))}  # 4.5 and 6.5625
+    want = sum(bits[m.args.name] * m.weight_c.numel() for m in linears) / sum(m.weight_c.numel() for m in linears)
+    assert written.bits_per_weight == pytest.approx(want, rel=1e-12)
