@@ -18,7 +18,7 @@ from lowbit.calibration.sampling import SELF_GENERATED, CalibrationSpec
 from lowbit.data.corpora import EvaluationText, calibration_text, evaluation_text
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import bits_per_weight, folder_size, parameter_count, peak_rss_bytes
-from lowbit.evaluation.perplexity import perplexity
+from lowbit.evaluation.perplexity import check_protocol, perplexity
 from lowbit.evaluation import harness
 from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
@@ -78,6 +78,8 @@ class EvalResult:
     recipe: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)  # name → TaskResult.to_dict()
     kv_cache: Optional[str] = None  # the cache format K and V were read through ("fp8 static": calibrated scales; None: full precision)
+    protocol: str = "lowbit"  # the perplexity windowing: lowbit's or llama-perplexity's
+    perplexity_stderr: Optional[float] = None  # llama-perplexity's ± (its protocol only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -352,9 +354,12 @@ class EvalPlan:
 
 def check_eval_inputs(ppl: Optional[str], seqlen: int, dtype: str, batch_size: int, tasks: tuple = (),
                       seed: int = 0, include_path: Optional[str] = None, limit: Optional[int] = None,
-                      kv_cache: Optional[str] = None) -> EvalPlan:
+                      kv_cache: Optional[str] = None, protocol: str = "lowbit") -> EvalPlan:
     """Refuse bad evaluation options before any model is loaded, and build what will be scored."""
     dtype_named(dtype)
+    check_protocol(protocol)
+    if protocol == "llama.cpp" and seqlen < 4:
+        raise LowbitError(f"llama.cpp's protocol scores the second half of each window: seqlen must be at least 4")
     if kv_cache is not None:
         kv_format(kv_cache)
     if seqlen < 2:
@@ -389,14 +394,17 @@ def evaluate(
     include_path: Optional[str] = None,
     limit: Optional[int] = None,
     kv_cache: Optional[str] = None,
+    protocol: str = "lowbit",
 ) -> EvalResult:
-    """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl``, the offline
+    """Perplexity (and bits per byte, word perplexity) on the held-out part of ``ppl`` (``protocol``
+    "llama.cpp": llama-perplexity's windows, the second half of each scored, with its ±), the offline
     ``tasks`` built from it ("lambada", "nextsent": accuracy ± standard error) or lm-evaluation-harness
     tasks by name (``include_path``: a folder of task YAMLs; ``limit``: items per task), plus size,
     bits/weight, peak memory and time. ``kv_cache``: read K and V as that runtime cache format stores them
     (bf16, int8, fp8, int4; :mod:`lowbit.evaluation.kv_attention`); by default a checkpoint's calibrated fp8
     cache (as the runtime runs it), else full precision."""
-    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit, kv_cache)
+    plan = check_eval_inputs(ppl, seqlen, dtype, batch_size, tuple(tasks), seed, include_path, limit, kv_cache,
+                             protocol)
     text = plan.text
     start = time.perf_counter()
     hf_model, tokenizer, source = load_model(model, dtype_named(dtype), allow_pickle, trust_remote_code)
@@ -409,7 +417,8 @@ def evaluate(
     result = None
     if text is not None:
         with progress_bar(f"perplexity {text.corpus}", progress) as step:
-            result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step)
+            result = perplexity(hf_model, tokenizer, text, seqlen, max_tokens, batch_size, on_batch=step,
+                                protocol=protocol)
     scores = {}
     for name, (task, items) in plan.offline.items():
         with progress_bar(f"{name} {text.corpus}", progress) as step:
@@ -434,4 +443,6 @@ def evaluate(
         recipe=read_record(path) if path is not None and path.is_dir() else {},
         tasks=scores,
         kv_cache=None if kv_cache is None else kv_cache + (" static" if static and kv_cache == "fp8" else ""),
+        protocol=protocol,
+        perplexity_stderr=None if result is None else result.stderr,
     )

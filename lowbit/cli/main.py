@@ -239,7 +239,10 @@ def evaluate(
     models: List[str] = typer.Argument(..., help="one or more models; the first is the baseline for ratios"),
     ppl: str = typer.Option("austen", help="text whose held-out evaluation part is scored"),
     seqlen: int = typer.Option(512, help="tokens per window"),
-    max_tokens: Optional[int] = typer.Option(None, help="score at most this many tokens (default: all)"),
+    max_tokens: Optional[int] = typer.Option(None, help="read at most this many tokens of the text (default: all)"),
+    protocol: str = typer.Option("lowbit", help="perplexity windows: lowbit (every token after each window's first"
+                                 " scored) or llama.cpp (llama-perplexity's: the second half of each window scored;"
+                                 " its --chunks N is --max-tokens N·seqlen)"),
     dtype: str = typer.Option("float32", help="compute dtype: float32, bfloat16, float16"),
     batch_size: int = typer.Option(4, help="perplexity windows per forward pass; tasks run about 128 × this many tokens per pass"),
     tasks: str = typer.Option("", help="comma-separated offline tasks built from --ppl's held-out text: "
@@ -262,8 +265,9 @@ def evaluate(
     failed = 0
     task_names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if len(models) > 1:
-        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path, limit, kv_cache)
+        api.check_eval_inputs(ppl, seqlen, dtype, batch_size, task_names, seed, include_path, limit, kv_cache, protocol)
         argv = ["--ppl", ppl, "--seqlen", str(seqlen), "--dtype", dtype, "--batch-size", str(batch_size)]
+        argv += ["--protocol", protocol]
         argv += ["--tasks", ",".join(task_names), "--seed", str(seed)] if task_names else []
         argv += ["--include-path", include_path] if include_path else []
         argv += ["--limit", str(limit)] if limit else []
@@ -281,6 +285,7 @@ def evaluate(
             api.evaluate(
                 models[0], ppl, seqlen, max_tokens, dtype, batch_size, allow_pickle, trust_remote_code,
                 tasks=task_names, seed=seed, include_path=include_path, limit=limit, kv_cache=kv_cache,
+                protocol=protocol,
             ).to_dict()
         ]
     if results and as_json:

@@ -61,7 +61,9 @@ def eval_table(results: Iterable[dict]) -> Table:
     results = list(results)
     base = next((r["perplexity"] for r in results if r["perplexity"] is not None), None)
     metrics = sorted({(task, m) for r in results for task, t in r.get("tasks", {}).items() for m in t["metrics"]})
-    table = Table(title=f"lowbit eval ({results[0]['corpus'] or 'no text'}, held-out, seqlen {results[0]['seqlen']})")
+    protocol = ", llama-perplexity's protocol" if results[0].get("protocol") == "llama.cpp" else ""
+    table = Table(title=f"lowbit eval ({results[0]['corpus'] or 'no text'}, held-out, seqlen {results[0]['seqlen']}"
+                        f"{protocol})")
     columns = ["model", "perplexity", "vs first", "bits/byte", "word ppl", *(f"{t} {m}" for t, m in metrics),
                "bits/weight", "size", "tokens", "load s", "eval s", "peak RSS"]
     for column in columns:
@@ -70,7 +72,8 @@ def eval_table(results: Iterable[dict]) -> Table:
         ppl = r["perplexity"]
         table.add_row(
             r["model"] + (f" (KV cache {r['kv_cache']})" if r.get("kv_cache") else ""),
-            "-" if ppl is None else f"{ppl:.2f}",
+            "-" if ppl is None else f"{ppl:.2f}" + ("" if r.get("perplexity_stderr") is None
+                                                     else f" ± {r['perplexity_stderr']:.2f}"),
             "-" if ppl is None or not base else f"{ppl / base:.3f}x",
             "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}",
             "-" if r.get("word_perplexity") is None else f"{r['word_perplexity']:.2f}",

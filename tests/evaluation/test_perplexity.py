@@ -73,3 +73,39 @@ def test_bits_per_byte_and_word_perplexity_count_the_text_the_scored_tokens_cove
     covered = tiny_tokenizer.decode(windows[:, int(bos):].reshape(-1))
     # each word is counted once, in the window scoring its last character; at most one per window ends unscored
     assert len(covered.split()) - len(windows) <= result.words <= len(covered.split())
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_llama_cpp_protocol_scores_the_second_half_of_each_window_of_the_stream(tiny_tokenizer, text_file,
+                                                                               monkeypatch, bos):
+    """llama-perplexity's windows: the stream (BOS first, where the tokenizer adds one) cut every seqlen tokens,
+    each window's first token replaced by BOS, only targets seqlen/2 + 1 … seqlen − 1 scored, and its ±."""
+    from lowbit.data.tokens import tokenize_text
+    from lowbit.evaluation import perplexity as module
+
+    if bos:
+        monkeypatch.setattr(module, "bos_id", lambda tok: tok.bos_token_id)
+    model = make_model(len(tiny_tokenizer))
+    text = evaluation_text(str(text_file))
+    stream = tokenize_text(text, tiny_tokenizer)[0]
+    if bos:
+        stream = torch.cat([torch.tensor([tiny_tokenizer.bos_token_id]), stream])
+    n = stream.numel() // 16
+    windows = stream[: n * 16].reshape(n, 16).clone()
+    if bos:
+        windows[:, 0] = tiny_tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    nll = F.cross_entropy(logits[:, 8:-1].reshape(-1, logits.shape[-1]), windows[:, 9:].reshape(-1), reduction="none")
+    result = perplexity(model, tiny_tokenizer, text, seqlen=16, batch_size=3, protocol="llama.cpp")
+    assert (result.windows, result.tokens) == (n, n * 7)
+    assert result.perplexity == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+    spread = float((nll.double() ** 2).mean() - nll.double().mean() ** 2)
+    assert result.stderr == pytest.approx(result.perplexity * math.sqrt(spread / (n * 7 - 1)), rel=1e-4)
+
+
+def test_an_unknown_protocol_is_refused(tiny_tokenizer, text_file):
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match="unknown perplexity protocol 'llama'; choose one of lowbit, llama.cpp"):
+        evaluation_windows(evaluation_text(str(text_file)), tiny_tokenizer, 16, None, "llama")
