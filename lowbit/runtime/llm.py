@@ -12,6 +12,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import current_rss_bytes
 from lowbit.models.allocator import lean_loading, release_freed_memory
+from lowbit.formats.gguf.reader import adopt_blocks
 from lowbit.models.loader import import_model_code, load_weights
 from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
@@ -91,6 +92,12 @@ class LLM:
             max_model_len > limit) else None
         self.name = model
         self.quantization = quantization or ("checkpoint" if self.source.quantized else None)
+        self._gguf_notice = None
+        if self.source.kind == "gguf" and quantization is None:  # run the file's Q4_0 / Q8_0 codes as they are
+            adopted = adopt_blocks(hf_model, self.source.path)
+            self._gguf_notice = adopted.notice(self.source.path)
+            if adopted.kernels:
+                self.quantization = "gguf " + "+".join(sorted(adopted.kernels))
         body = quantizer_for(quantization) if quantization else None
         head = quantizer_for("int8") if lm_head == "int8" else None
         scales = calibrated_scales(hf_model)
@@ -135,6 +142,8 @@ class LLM:
             lines.append("lowbit: without the compiled decode step a batch decodes one PyTorch step per sequence")
         if self._clamped:
             lines.append(self._clamped)
+        if self._gguf_notice:
+            lines.append(self._gguf_notice)
         if self._kv_override:
             lines.append(f"lowbit: the checkpoint's calibrated fp8 KV cache is not used: --kv-cache {self.kv_cache} given")
         return [line for line in lines if line]

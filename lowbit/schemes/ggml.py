@@ -10,10 +10,11 @@ K-quants group ``super`` = 256 weights: one float16 d (and dmin), and per block 
 of ``scale_bits`` bits, so dl = d · sc and ml = dmin · m. Those products are exact in float32, so ŵ (one
 float32 rounding) is bit for bit what llama.cpp computes from the file.
 
-Fitting is a pure function of the weights: per block the range that minimises Σ imp · |w − ŵ|^2.4 over ranges
-shrunk by up to 20% (the "mse" observer of :mod:`lowbit.schemes.grid`), with the extreme weight landing on
-the grid's longer side (llama.cpp's own rule: d = extreme / −mid); then a K-quant's block scales are rounded to
-``scale_bits`` bits against the super-block's largest. Rounding onto a fitted grid is to nearest.
+Fitting is a pure function of the weights: per block the range that minimises Σ imp · (w − ŵ)² over ranges shrunk
+by up to 20% (as the "mse" observer of :mod:`lowbit.schemes.grid` searches), with the extreme weight landing on
+the grid's longer side (llama.cpp's own rule: d = extreme / −mid), then refitted by least squares on its codes
+where that lowers the error; a K-quant's block scales are then rounded to ``scale_bits`` bits against the
+super-block's largest. Rounding onto a fitted grid is to nearest.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.schemes.grid import MSE_NORM, MSE_SHRINK
+from lowbit.schemes.grid import MSE_SHRINK
 
 SUPER = 256  # QK_K
 
@@ -120,14 +121,10 @@ def steps(d, sc, dmin, m, kind: GGMLType):
 
 
 def round_codes(w: torch.Tensor, dl: torch.Tensor, ml: Optional[torch.Tensor], kind: GGMLType) -> torch.Tensor:
-    """Nearest code of w given dl (and ml), broadcast against w → uint8 codes in [0, c_max]."""
-    safe = torch.where(dl == 0, torch.ones_like(dl), dl)
-    if kind.affine:
-        c = torch.round((w + ml) / safe)
-        c = torch.where(dl == 0, torch.zeros_like(c), c)
-    else:
-        c = torch.round(w / safe) + kind.mid
-        c = torch.where(dl == 0, torch.full_like(c, kind.mid), c)
+    """Nearest code of w given dl (and ml), broadcast against w → uint8 codes in [0, c_max] (a block with dl = 0
+    gets the code of 0 on a symmetric grid, 0 on an affine one)."""
+    inv = torch.where(dl == 0, torch.zeros_like(dl), 1.0 / torch.where(dl == 0, torch.ones_like(dl), dl))
+    c = torch.round((w + ml) * inv) if kind.affine else torch.round(w * inv) + kind.mid
     return c.clamp_(0, kind.c_max).to(torch.uint8)
 
 
@@ -139,7 +136,8 @@ def dequantize_codes(c: torch.Tensor, dl: torch.Tensor, ml: Optional[torch.Tenso
 
 
 def _block_error(w, w_hat, imp):
-    e = (w - w_hat).abs().pow(MSE_NORM)
+    """Σ imp · (w − ŵ)² over the last dimension."""
+    e = (w - w_hat).square()
     return (e if imp is None else e * imp).sum(dim=-1)
 
 
@@ -161,36 +159,50 @@ def _refit(w, c, imp, kind: GGMLType):
     return torch.where(flat, torch.zeros_like(a), a), torch.where(flat, -Sw / S.clamp_min(1e-30), b)
 
 
+FIT_CHUNK = 16384  # blocks fitted at once: 11 candidates each keep the temporaries near 25 MB
+SHRINK = MSE_SHRINK[::2]  # 1.0, 0.98, …, 0.8
+
+
 def _fit_blocks(w: torch.Tensor, kind: GGMLType, imp: Optional[torch.Tensor]):
-    """Unrounded (step, offset) per block row of w [n, block]: of the ranges shrunk by up to 20%, each also
-    refitted by least squares on its codes, the one with the least error (candidates along dim 1)."""
-    shrink = MSE_SHRINK[None, :]
+    """Unrounded (step, offset) per block row of w [n, block], :data:`FIT_CHUNK` blocks at a time."""
+    parts = [_fit_chunk(w[i : i + FIT_CHUNK], kind, None if imp is None else imp[i : i + FIT_CHUNK])
+             for i in range(0, w.shape[0], FIT_CHUNK)]
+    step = torch.cat([p[0] for p in parts])
+    return step, None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+
+
+def _fit_chunk(w: torch.Tensor, kind: GGMLType, imp: Optional[torch.Tensor]):
+    """Of the ranges shrunk by up to 20% (candidates along dim 1), the one with the least error, then its least-
+    squares refit on its own codes where that is better still."""
+    shrink = SHRINK[None, :]
     if kind.affine:
         lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
         if kind.is_k:  # the min is stored as a non-negative m
             lo = lo.clamp(max=0)
-        first = ((hi - lo) * shrink / kind.c_max, -lo * shrink)
+        step, off = (hi - lo) * shrink / kind.c_max, -lo * shrink
     else:
         extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))
-        first = (extreme * shrink / -kind.mid, None)
-    w, imp = w[:, None, :], None if imp is None else imp[:, None, :]
+        step, off = extreme * shrink / -kind.mid, None
 
     def stored(step, off):  # a flat type stores these as float16 directly
         if kind.is_k:
             return step, off
         return step.half().float(), None if off is None else off.half().float()
 
-    def codes(step, off):
-        return round_codes(w, step[..., None], None if off is None else off[..., None], kind)
+    def error(w, imp, step, off):
+        o = None if off is None else off[..., None]
+        c = round_codes(w, step[..., None], o, kind)
+        return c, _block_error(w, dequantize_codes(c, step[..., None], o, kind), imp)
 
-    first = stored(*first)
-    refit = stored(*_refit(w, codes(*first), imp, kind))
-    step = torch.cat([first[0], refit[0]], dim=1)
-    off = None if first[1] is None else torch.cat([first[1], refit[1]], dim=1)
-    o = None if off is None else off[..., None]
-    err = _block_error(w, dequantize_codes(codes(step, off), step[..., None], o, kind), imp)
+    step, off = stored(step, off)
+    codes, err = error(w[:, None, :], None if imp is None else imp[:, None, :], step, off)
     best = err.argmin(dim=1, keepdim=True)
-    return step.gather(1, best)[:, 0], None if off is None else off.gather(1, best)[:, 0]
+    step, err = step.gather(1, best)[:, 0], err.gather(1, best)[:, 0]
+    off = None if off is None else off.gather(1, best)[:, 0]
+    c = codes.gather(1, best[..., None].expand(-1, -1, w.shape[1]))[:, 0]
+    step2, off2 = stored(*_refit(w, c, imp, kind))
+    better = error(w, imp, step2, off2)[1] < err
+    return torch.where(better, step2, step), None if off is None else torch.where(better, off2, off)
 
 
 def _quantize_scales(x: torch.Tensor, bits: int, signed: bool):

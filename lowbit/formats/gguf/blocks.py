@@ -134,6 +134,23 @@ def encode(w: GGMLWeight) -> np.ndarray:
     return np.concatenate([d, dmin, scales, _bits(c, 4, 1, 8), qs], axis=-1).reshape(N, -1)  # Q5_K
 
 
+def unpack_symmetric(blocks: np.ndarray, kind: GGMLType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q8_0 blocks uint8 [rows, bytes] → (signed codes q = c − mid, int8 [rows, in]; d, float16 [rows, in/32]),
+    so that the weight is d · q."""
+    if kind.name not in ("Q4_0", "Q8_0"):
+        raise ValueError(f"{kind.name} is not a symmetric block-32 type")
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks).reshape(rows, -1, 2 + BLOCK * kind.bits // 8)
+    d = torch.from_numpy(b[..., :2].copy().view(np.float16)[..., 0])
+    body = b[..., 2:]
+    if kind.bits == 8:
+        q = torch.from_numpy(body.copy().view(np.int8))
+    else:
+        c = np.concatenate([body & 0xF, body >> 4], axis=-1).astype(np.int16) - kind.mid
+        q = torch.from_numpy(c.astype(np.int8))
+    return q.reshape(rows, -1), d
+
+
 def decode(blocks: np.ndarray, kind: GGMLType) -> torch.Tensor:
     """What llama.cpp computes from the blocks (gguf-py's reference dequantization), float32 [out, in]."""
     return torch.from_numpy(np.ascontiguousarray(quants.dequantize(blocks, qtype(kind))))

@@ -83,10 +83,10 @@ def check_representable(model: nn.Module) -> None:
                           f"{', …' if len(bad) > 1 else ''}): {exact_types_described()}. Quantize again with --gguf TYPE")
 
 
-class _Tensors:
-    """Turns a model's modules into named GGUF tensors, in order, each matrix in its planned type."""
+class Names:
+    """llama.cpp's name for each of a model's tensors, and the q/k output-row order its converter writes."""
 
-    def __init__(self, model: nn.Module, arch, preset: Optional[str] = None, dense_type: Optional[str] = None):
+    def __init__(self, model: nn.Module, arch):
         config = model.config
         self.arch = arch
         self.names = get_tensor_name_map(_model_arch(arch.gguf.name), config.num_hidden_layers)
@@ -94,6 +94,29 @@ class _Tensors:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         lay = arch.lean
         self.heads_of = {lay.q: heads, lay.k: kv_heads} if arch.gguf.permute_qk else {}
+
+    def gguf_name(self, name: str) -> str:
+        out = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if out is None:
+            raise LowbitError(f"no GGUF name for {name} in llama.cpp's {self.arch.gguf.name} architecture")
+        return out
+
+    def row_order(self, module_name: str, rows: int) -> Optional[torch.Tensor]:
+        """File row r holds the module's row ``order[r]`` (None: the rows are in the module's order)."""
+        for path, heads in self.heads_of.items():
+            if module_name.endswith("." + path):
+                return _row_order(rows, heads)
+        return None
+
+
+class _Tensors(Names):
+    """Turns a model's modules into named GGUF tensors, in order, each matrix in its planned type."""
+
+    def __init__(self, model: nn.Module, arch, preset: Optional[str] = None, dense_type: Optional[str] = None):
+        super().__init__(model, arch)
+        config = model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head, table = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
         codes = getattr(head, "weight_q", None)
         self.tied = getattr(head, "weight", None) is getattr(table, "weight", object()) or (
@@ -104,18 +127,6 @@ class _Tensors:
             self.preset, list(self.matrices(model)), config.num_hidden_layers, heads // kv_heads, self.tied)
         self.types: Counter = Counter()
         self.block_bits = self.block_weights = 0
-
-    def gguf_name(self, name: str) -> str:
-        out = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if out is None:
-            raise LowbitError(f"no GGUF name for {name} in llama.cpp's {self.arch.gguf.name} architecture")
-        return out
-
-    def _order(self, module_name: str, rows: int) -> Optional[torch.Tensor]:
-        for path, heads in self.heads_of.items():
-            if module_name.endswith("." + path):
-                return _row_order(rows, heads)
-        return None
 
     def _walk(self, model: nn.Module):
         """(name, module) of every module whose tensors go into the file; a tied output projection not again."""
@@ -135,13 +146,13 @@ class _Tensors:
 
     def quantized(self, name: str, module: nn.Module) -> tuple[str, np.ndarray, GGMLQuantizationType]:
         w = _as_ggml(module)
-        order = self._order(name, w.shape[0])
+        order = self.row_order(name, w.shape[0])
         gguf_name = self.gguf_name(name + ".weight")
         return self._add(gguf_name, encode(w if order is None else _take_rows(w, order)), w.kind, w.c.numel())
 
     def dense(self, name: str, weight: torch.Tensor, module_name: str = "") -> tuple[str, np.ndarray, GGMLQuantizationType]:
         w = weight.detach().float()
-        order = self._order(module_name, w.shape[0]) if module_name else None
+        order = self.row_order(module_name, w.shape[0]) if module_name else None
         if order is not None:  # a q or k projection's weight or bias
             w = w[order]
         gguf_name = self.gguf_name(name)
