@@ -75,7 +75,8 @@ def test_study_of_two_widths_writes_its_report_and_a_rerun_reuses_every_row(tmp_
 def test_quantize_writes_a_gguf_that_reads_back_as_the_model_it_quantized(tmp_path):
     """`quantize --gguf Q4_0`: every decoder linear in Q4_0, the embedding table in Q8_0 and the norms in float32, as
     in the shipped llama.cpp file; its architecture keys and tokenizer (vocabulary, merges, pre-tokenizer, chat
-    template) are the shipped file's; transformers' GGUF reader (which undoes the q/k row order) evaluates it."""
+    template) are the shipped file's; transformers' GGUF reader (which undoes the q/k row order) evaluates it, and
+    `bench` runs its Q4_0 codes on lowbit's 4-bit kernels."""
     from collections import Counter
 
     from gguf import GGUFReader
@@ -99,4 +100,9 @@ def test_quantize_writes_a_gguf_that_reads_back_as_the_model_it_quantized(tmp_pa
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)
     assert 20 < result["perplexity"] < 60  # full precision 23.2 on this text; RTN W4 g32 costs a little, not 10x
+    done = run("bench", out, "--prompt-tokens", "32", "--decode-tokens", "8", "--repeats", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    speed = json.loads(done.stdout)  # the file's own codes on lowbit's 4-bit kernels, not a float32 model
+    assert speed["quantization"] == "gguf Q4_0" and "4-bit GEMV" in speed["kernels"]["gate_up"]
+    assert "do not read" not in done.stderr
 
