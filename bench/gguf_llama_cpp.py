@@ -12,8 +12,8 @@ llama.cpp is not a dependency: pass the folder of its built tools (llama-quantiz
 llama-bench) as ``--llama-cpp``. Speed is only comparable within one run on an otherwise idle machine; the CPU is
 printed with the table.
 
-    python bench/gguf.py --model smollm2-135m --out out/gguf-smollm2 --llama-cpp ~/llama.cpp/build/bin
-    python bench/gguf.py --model gemma-3-270m --out out/gguf-gemma --llama-cpp ~/llama.cpp/build/bin --chunks 20
+    python bench/gguf_llama_cpp.py --model smollm2-135m --out out/gguf-smollm2 --llama-cpp ~/llama.cpp/build/bin
+    python bench/gguf_llama_cpp.py --model gemma-3-270m --out out/gguf-gemma --llama-cpp ~/llama.cpp/build/bin --chunks 20
 """
 
 from __future__ import annotations

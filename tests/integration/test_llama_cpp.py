@@ -1,0 +1,59 @@
+"""lowbit's GGUF files judged by llama.cpp itself (slow; needs a llama.cpp build: ``LLAMA_CPP_BIN`` = the folder of
+its tools). llama.cpp is not a dependency, so without it these are skipped, saying why.
+
+    LLAMA_CPP_BIN=~/llama.cpp/build/bin python -m pytest -m slow tests/integration/test_llama_cpp.py
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit.data.corpora import evaluation_text
+
+BIN = Path(os.environ.get("LLAMA_CPP_BIN", "/nonexistent"))
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (BIN / "llama-perplexity").exists(),
+                                                   reason="set LLAMA_CPP_BIN to a folder of llama.cpp's built tools")]
+CHUNKS = 8
+
+
+def lowbit(*args):
+    done = subprocess.run([sys.executable, "-m", "lowbit.cli.main", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    made = {}
+    for kind in ("Q4_0", "Q4_K_M"):
+        made[kind] = out / f"smol-{kind}.gguf"
+        lowbit("quantize", "smollm2-135m", "-o", made[kind], "--method", "rtn", "--gguf", kind)
+    (out / "persuasion.txt").write_text(evaluation_text("austen").text)
+    return out, made
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K_M"])
+def test_llama_perplexity_of_lowbits_file_agrees_with_lowbits_own_evaluation(files, kind):
+    """Same file, same windows (512 tokens, second half scored): llama.cpp's number and lowbit's within 0.5%."""
+    out, made = files
+    done = subprocess.run([BIN / "llama-perplexity", "-m", made[kind], "-f", out / "persuasion.txt", "-c", "512",
+                           "--chunks", str(CHUNKS), "-t", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = float(re.search(r"Final estimate: PPL = ([\d.]+)", done.stdout + done.stderr).group(1))
+    (mine,) = json.loads(lowbit("eval", made[kind], "--protocol", "llama.cpp", "--max-tokens", 512 * CHUNKS, "--json"))
+    assert abs(mine["perplexity"] / theirs - 1) < 0.005, (mine["perplexity"], theirs)
+
+
+def test_llama_cli_answers_sensibly_from_lowbits_file(files):
+    _, made = files
+    done = subprocess.run([BIN / "llama-cli", "-m", made["Q4_K_M"], "-p", "What is the capital of France?", "-n", "24",
+                           "-st", "--temp", "0", "-t", "2"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
