@@ -30,7 +30,8 @@ def lowbit(*args):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf")
-    made = {}
+    made = {"F32": out / "smol-f32.gguf"}
+    lowbit("export", "smollm2-135m", "-o", made["F32"], "--dense", "F32")
     for kind in ("Q4_0", "Q4_K_M"):
         made[kind] = out / f"smol-{kind}.gguf"
         lowbit("quantize", "smollm2-135m", "-o", made[kind], "--method", "rtn", "--gguf", kind)
@@ -38,16 +39,19 @@ def files(tmp_path_factory):
     return out, made
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_K_M"])
-def test_llama_perplexity_of_lowbits_file_agrees_with_lowbits_own_evaluation(files, kind):
-    """Same file, same windows (512 tokens, second half scored): llama.cpp's number and lowbit's within 0.5%."""
+# Same file, same windows: float32 agrees to 0.001% (tokens and windows identical; 60 chunks: 29.7750 vs 29.7753).
+# Quantized files differ by llama.cpp's arithmetic, not the weights: its CPU matmuls round the activations to 8 bits
+# (Q8_0 / Q8_K) where lowbit multiplies float32 ones by the same weights (60 chunks: Q4_0 0.27%, Q4_K_M 0.55%).
+@pytest.mark.parametrize("kind, tolerance", [("F32", 0.001), ("Q4_0", 0.005), ("Q4_K_M", 0.01)])
+def test_llama_perplexity_of_lowbits_file_agrees_with_lowbits_own_evaluation(files, kind, tolerance):
+    """llama-perplexity -c 512 of lowbit's file and lowbit eval --protocol llama.cpp of it."""
     out, made = files
     done = subprocess.run([BIN / "llama-perplexity", "-m", made[kind], "-f", out / "persuasion.txt", "-c", "512",
                            "--chunks", str(CHUNKS), "-t", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     theirs = float(re.search(r"Final estimate: PPL = ([\d.]+)", done.stdout + done.stderr).group(1))
     (mine,) = json.loads(lowbit("eval", made[kind], "--protocol", "llama.cpp", "--max-tokens", 512 * CHUNKS, "--json"))
-    assert abs(mine["perplexity"] / theirs - 1) < 0.005, (mine["perplexity"], theirs)
+    assert abs(mine["perplexity"] / theirs - 1) < tolerance, (mine["perplexity"], theirs)
 
 
 def test_llama_cli_answers_sensibly_from_lowbits_file(files):
