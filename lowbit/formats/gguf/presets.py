@@ -26,7 +26,6 @@ PRESETS = {  # file type → default type
     "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
 }
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-BLOCK_32 = 32
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.weight$")
 
 
@@ -109,8 +108,8 @@ def tensor_types(preset: str, tensors: list[Tensor], n_layer: int, n_gqa: int, t
 
 
 def search_scheme(preset: str, actorder: Optional[str]) -> QuantizationScheme:
-    """The lowbit grid nearest the preset's default type (its bits, at most 4 below 8; groups of 32), for what
-    searches on one grid per block: AWQ's scale search. The rounding itself lands on each tensor's own type."""
+    """The lowbit grid nearest the preset's default type (its bits, at most 4 below 8; its block as the group), for
+    what searches on one grid per block: AWQ's scale search. The rounding itself lands on each tensor's own type."""
     kind = TYPES[PRESETS[check_preset(preset)]]
     bits = 8 if kind.bits == 8 else min(kind.bits, 4)
-    return make_scheme(bits, BLOCK_32, not kind.affine, actorder, "minmax")
+    return make_scheme(bits, kind.block, not kind.affine, actorder, "minmax")
