@@ -12,10 +12,10 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.evaluation.footprint import current_rss_bytes
 from lowbit.models.allocator import lean_loading, release_freed_memory
-from lowbit.formats.gguf.reader import adopt_blocks
 from lowbit.models.loader import import_model_code, load_weights
 from lowbit.runtime.cpu import describe, forced_isa, selected_isa
 from lowbit.runtime.decoder import LeanDecoder
+from lowbit.runtime.gguf_weights import adopt_blocks
 from lowbit.runtime.hf_decoder import HFDecoder
 from lowbit.runtime.kernels import fallback_notice
 from lowbit.runtime.kv_cache import calibrated_scales
