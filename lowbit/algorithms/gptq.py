@@ -95,9 +95,9 @@ def gptq_quantize(
     """Quantize W [out, in] given H [in, in] onto ``args``' grid (lowbit's, or a llama.cpp type); returns the
     weight on the grid and Σ of the proxy loss.
 
-    ``args.actorder == "weight"`` visits columns by decreasing diag(H) with
-    *static* groups: each group's scale is fitted on the original contiguous columns before any update, so the
-    saved layout is plain contiguous groups (no g_idx).
+    ``args.actorder == "weight"`` visits columns by decreasing diag(H) with *static* groups: each group's scale
+    is fitted on the original contiguous columns before any update, so the saved layout is plain contiguous
+    groups (no g_idx).
     """
     dtype = W.dtype
     W = W.detach().clone().float()

@@ -7,7 +7,7 @@ code for code, so the runtime packs the file's codes and scales as they are.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +15,10 @@ import torch
 import torch.nn as nn
 from gguf import GGUFReader
 
-from lowbit.formats.gguf.blocks import unpack_symmetric
+from lowbit.formats.gguf.blocks import exact_args, unpack_symmetric
 from lowbit.formats.gguf.writer import Names
 from lowbit.models.architectures import architecture_of, decoder_blocks
 from lowbit.quantized.modules import QuantLinear, replace_module
-from lowbit.schemes.args import make_scheme
 from lowbit.schemes.ggml import TYPES
 from lowbit.schemes.grid import QuantizedWeight
 
@@ -68,8 +67,7 @@ def adopt_blocks(model: nn.Module, path: Path) -> Adopted:
         if order is not None:
             back = torch.argsort(order)
             q, d = q[back], d[back]
-        args = replace(make_scheme(TYPES[kind].bits, 32, True, None, "minmax").weights, scale_dtype="float16")
-        qw = QuantizedWeight(q, d.float(), None, args)
+        qw = QuantizedWeight(q, d.float(), None, exact_args(TYPES[kind]))
         if not torch.equal(qw.dequantize(torch.float32), linear.weight.detach().float()):
             done.dense[f"{kind} (did not read back exactly)"] += 1
             continue

@@ -252,9 +252,3 @@ def quantize(w: torch.Tensor, kind: GGMLType, importance: Optional[torch.Tensor]
     c = round_codes(w.float().reshape(n, -1, kind.block), dl[..., None], None if ml is None else ml[..., None], kind)
     return GGMLWeight(c.reshape(n, k), d, sc, dmin, m, kind)
 
-
-def ggml_type(name: str) -> GGMLType:
-    try:
-        return TYPES[name.upper()]
-    except KeyError:
-        raise ValueError(f"unknown ggml type {name!r}; lowbit writes {', '.join(TYPES)}") from None

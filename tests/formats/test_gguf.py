@@ -9,7 +9,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, quants
 
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf.blocks import EXACT, decode, encode, exact_type, float16_change, from_grid, qtype
+from lowbit.formats.gguf.blocks import EXACT, decode, exact_args, encode, exact_type, float16_change, from_grid, qtype
 from lowbit.formats.gguf.metadata import Field
 from lowbit.formats.gguf.presets import Tensor, tensor_types
 from lowbit.formats.gguf.writer import unrepresentable, write_gguf
@@ -74,6 +74,8 @@ def test_which_grids_a_type_holds():
 
     assert (kind(4, 32), kind(4, 32, False), kind(8, 32)) == ("Q4_0", "Q4_1", "Q8_0")
     assert kind(4, 64) is None and kind(4, 0) is None and kind(3, 32) is None and kind(8, 0) is None
+    for name in EXACT:  # and back: the grid a type is, as the runtime reads a file's blocks
+        assert exact_type(exact_args(ggml.TYPES[name]), 256) is ggml.TYPES[name]
 
 
 def _smollm2_like(preset, layers=30, hidden=576, ffn=1536):

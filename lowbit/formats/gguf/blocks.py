@@ -15,13 +15,14 @@ and only d and m are rounded to float16 on the way (:func:`float16_change` measu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from lowbit.schemes.args import QuantizationArgs
+from lowbit.schemes.args import QuantizationArgs, make_scheme
 from lowbit.schemes.ggml import TYPES, GGMLType, GGMLWeight, quantize
 from lowbit.schemes.grid import QuantizedWeight
 
@@ -40,6 +41,12 @@ def exact_type(args: QuantizationArgs, in_features: int) -> Optional[GGMLType]:
                 and args.zp_dtype is None and args.group_size_for(in_features) == BLOCK):
             return TYPES[name]
     return None
+
+
+def exact_args(kind: GGMLType) -> QuantizationArgs:
+    """The lowbit grid an ``EXACT`` type is, with its float16 scales (the inverse of :func:`exact_type`)."""
+    bits, symmetric = EXACT[kind.name]
+    return replace(make_scheme(bits, BLOCK, symmetric, None, "minmax").weights, scale_dtype="float16")
 
 
 def exact_types_described() -> str:

@@ -90,10 +90,10 @@ class Names:
         config = model.config
         self.arch = arch
         self.names = get_tensor_name_map(_model_arch(arch.gguf.name), config.num_hidden_layers)
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         lay = arch.lean
-        self.heads_of = {lay.q: heads, lay.k: kv_heads} if arch.gguf.permute_qk else {}
+        self.heads_of = {lay.q: self.heads, lay.k: self.kv_heads} if arch.gguf.permute_qk else {}
 
     def gguf_name(self, name: str) -> str:
         out = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -114,9 +114,6 @@ class _Tensors(Names):
 
     def __init__(self, model: nn.Module, arch, preset: Optional[str] = None, dense_type: Optional[str] = None):
         super().__init__(model, arch)
-        config = model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head, table = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
         codes = getattr(head, "weight_q", None)
         self.tied = getattr(head, "weight", None) is getattr(table, "weight", object()) or (
@@ -124,7 +121,8 @@ class _Tensors(Names):
         self.preset = preset or _implied_preset(model)
         self.dense_type = dense_type or (None if self.preset else "Q8_0")
         self.plan = {} if self.preset is None else tensor_types(
-            self.preset, list(self.matrices(model)), config.num_hidden_layers, heads // kv_heads, self.tied)
+            self.preset, list(self.matrices(model)), model.config.num_hidden_layers, self.heads // self.kv_heads,
+            self.tied)
         self.types: Counter = Counter()
         self.block_bits = self.block_weights = 0
 
