@@ -24,6 +24,7 @@ from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
 from lowbit.formats.gguf.metadata import tokenizer_fields
+from lowbit.formats.gguf.tokenizer import hf_tokenizer_fields
 from lowbit.formats.gguf.presets import check_preset, search_scheme
 from lowbit.formats.gguf.writer import check_dense_type, check_representable, linear_types, write_gguf
 from lowbit.formats.compressed_tensors import read_record, save_quantized
@@ -181,9 +182,10 @@ def export(checkpoint: str, output: Union[str, Path], dense_type: Optional[str] 
     hf_model, tokenizer, _ = load_model(checkpoint, torch.float32)
     gguf_architecture(hf_model)
     check_representable(hf_model)
-    gguf_tokenizer_file(checkpoint)
+    vocab = gguf_tokenizer(checkpoint, tokenizer, hf_model)
     source = resolve(checkpoint)
-    written = out.save(hf_model, tokenizer, checkpoint, read_record(source.path) if source.kind == "folder" else {})
+    written = out.save(hf_model, tokenizer, checkpoint, read_record(source.path) if source.kind == "folder" else {},
+                       vocab)
     return {"output": str(output), "size_bytes": out.path.stat().st_size, "file_type": written.file_type,
             "bits_per_weight": written.bits_per_weight, "wall_time_s": round(time.perf_counter() - start, 1)}
 
@@ -207,8 +209,9 @@ class _Output:
         check_dense_type(self.dense_type)
         check_output_file(self.path, self.overwrite)
 
-    def save(self, hf_model, tokenizer, model: str, record: dict):
-        """Write atomically; None (no path), the GGUF writer's :class:`Written`, or the folder's size."""
+    def save(self, hf_model, tokenizer, model: str, record: dict, vocab: Optional[list] = None):
+        """Write atomically; None (no path), the GGUF writer's :class:`Written`, or the folder's size. ``vocab``: a
+        GGUF file's tokenizer keys (:func:`gguf_tokenizer`)."""
         if self.path is None:
             return None
         if not self.gguf:
@@ -216,9 +219,8 @@ class _Output:
                 save_quantized(hf_model, tokenizer, staging, record)
             return folder_size(self.path)
         with atomic_output_file(self.path, self.overwrite) as staging:
-            return write_gguf(hf_model, gguf_architecture(hf_model), staging,
-                              tokenizer_fields(gguf_tokenizer_file(model)), Path(model).name, self.dense_type, record,
-                              self.preset)
+            return write_gguf(hf_model, gguf_architecture(hf_model), staging, vocab, Path(model).name,
+                              self.dense_type, record, self.preset)
 
     def grids(self, hf_model, recipe: Recipe):
         """For ``quantize --gguf``: each linear's llama.cpp type (with the recipe's column order), and the recipe
@@ -242,8 +244,10 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
     _check_inputs(model, output)
     hf_model, tokenizer, _ = load_model(model, torch.float32, *load_options)
     decoder_blocks(hf_model)
+    vocab = None
     if output.gguf:
         gguf_architecture(hf_model)
+        vocab = gguf_tokenizer(model, tokenizer, hf_model)
     grids, recipe = output.grids(hf_model, recipe)
     described = f"GGUF {output.preset}" if output.preset else recipe.describe()
     windows = None if calibration is None else calibration.windows(tokenizer)
@@ -268,7 +272,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
     }
     if output.preset:  # the grid is per layer (``layers``); the recipe's scheme was only AWQ's search grid
         record.update(scheme=described, weights=None, gguf_file_type=output.preset)
-    saved = output.save(hf_model, tokenizer, model, record)
+    saved = output.save(hf_model, tokenizer, model, record, vocab)
     result = QuantizeResult(
         output_dir=None if output.path is None else str(output.path),
         method=recipe.method.name,
@@ -306,8 +310,16 @@ def _check_inputs(model: str, output: _Output) -> None:
         if model_type != "":
             architecture_for(model_type)
     output.check()
-    if output.gguf:
-        gguf_tokenizer_file(model)
+
+
+def gguf_tokenizer(model: str, tokenizer, hf_model) -> list:
+    """A GGUF export's tokenizer keys: those of the model's own GGUF file where it has one (field for field),
+    otherwise its Hugging Face tokenizer converted (:func:`hf_tokenizer_fields`, which refuses what it cannot
+    name)."""
+    source = gguf_tokenizer_file(model)
+    if source is not None:
+        return tokenizer_fields(source)
+    return hf_tokenizer_fields(tokenizer, hf_model.config.vocab_size)
 
 
 def fallback_notices(layers) -> list[str]:

@@ -246,9 +246,10 @@ def _load(source: ModelSource, name: str, dtype, allow_pickle: bool, trust_remot
         raise LowbitError(f"could not load {folder}: {str(exc).splitlines()[0][:200]}") from None
 
 
-def gguf_tokenizer_file(model: str) -> Path:
+def gguf_tokenizer_file(model: str) -> Optional[Path]:
     """The GGUF file whose tokenizer a model's GGUF export carries: the model's own (a .gguf file or an embedded
-    model), or, for a lowbit checkpoint, that of the model it was quantized from."""
+    model), or, for a lowbit checkpoint, that of the model it was quantized from; None: there is none, and the
+    Hugging Face tokenizer is converted."""
     source = resolve(model)
     if source.kind == "gguf":
         return source.path
@@ -260,9 +261,6 @@ def gguf_tokenizer_file(model: str) -> Path:
         if origin and origin != model:
             try:
                 return gguf_tokenizer_file(origin)
-            except LowbitError as exc:
-                raise LowbitError(f"{model} was quantized from {origin}: {exc}") from None
-    raise LowbitError(
-        f"{model}: a GGUF export takes its tokenizer from a GGUF file of the same model (a .gguf source, an embedded"
-        " model, or a lowbit checkpoint made from one); converting a Hugging Face tokenizer is not supported yet"
-    )
+            except LowbitError:  # moved or renamed since: the checkpoint's own tokenizer stands in
+                return None
+    return None

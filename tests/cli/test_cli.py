@@ -293,22 +293,25 @@ def test_activation_options_misused_fail_in_one_line(tiny_model_dir, tmp_path, a
 
 
 def test_export_to_gguf_refuses_what_it_cannot_write_in_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
-    """A grid no GGUF type holds is named with the types that would; a Hugging Face tokenizer (which GGUF export
-    cannot convert yet) is refused too; nothing is written either way, and an existing file is kept."""
+    """A grid no GGUF type holds is named with the types that would, and nothing is written; a grid one holds is
+    written with the Hugging Face tokenizer converted, which reads back as the same tokenizer; an existing file is
+    kept."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TEXT
+
     per_channel, g32 = tmp_path / "w4-per-channel", tmp_path / "w4-g32"
     for out, group in ((per_channel, "0"), (g32, "32")):
         done = run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--bits", "4", "--group-size", group)
         assert done.returncode == 0, done.stderr
     target = tmp_path / "tiny.gguf"
     assert_clean_failure(run("export", per_channel, "-o", target), "Q4_0 is int4 symmetric in groups of 32")
-    assert_clean_failure(run("export", g32, "-o", target), "converting a Hugging Face tokenizer is not supported yet")
     assert not target.exists()
+    done = run("export", g32, "-o", target)
+    assert done.returncode == 0, done.stderr
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=target.name)
+    original = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert back(TEXT[:400]).input_ids == original(TEXT[:400]).input_ids
     target.write_text("mine")
     assert_clean_failure(run("export", g32, "-o", target), "already exists; pass --overwrite")
-    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q4_0", "--bits", "3"),
-                         "--gguf Q4_0 sets each layer's grid (llama.cpp's type for it); drop --bits")
-    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q5_K"),
-                         "GGUF type 'Q5_K' is not written by lowbit; choose one of Q4_0, Q4_1, Q5_0")
-    assert_clean_failure(run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--gguf", "Q4_K_M",
-                             "--method", "hqq"), "hqq does not round onto llama.cpp's grids; with --gguf use rtn, gptq")
     assert target.read_text() == "mine" and not (tmp_path / "q.gguf").exists()

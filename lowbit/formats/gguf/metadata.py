@@ -1,9 +1,9 @@
 """What a GGUF file says besides its tensors: the architecture's hyperparameters (from the transformers config,
 under llama.cpp's key names) and the tokenizer as llama.cpp reads it.
 
-The tokenizer is taken from a GGUF file of the same model, field for field (vocabulary, merges or scores, token
-types, special ids, pre-tokenizer, chat template): converting a Hugging Face tokenizer needs llama.cpp's
-identification of its pre-tokenizer, which lowbit does not have yet.
+The tokenizer is taken from a GGUF file of the same model where there is one, field for field (vocabulary, merges
+or scores, token types, special ids, pre-tokenizer, chat template); otherwise the Hugging Face tokenizer is converted
+(:mod:`lowbit.formats.gguf.tokenizer`).
 """
 
 from __future__ import annotations
