@@ -61,3 +61,24 @@ def test_llama_cli_answers_sensibly_from_lowbits_file(files):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Paris" in done.stdout
+
+
+def _llama_perplexity(path: Path, text: Path) -> float:
+    done = subprocess.run([BIN / "llama-perplexity", "-m", path, "-f", text, "-c", "512", "--chunks", str(CHUNKS),
+                           "-t", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(re.search(r"Final estimate: PPL = ([\d.]+)", done.stdout + done.stderr).group(1))
+
+
+def test_a_converted_hugging_face_tokenizer_tokenizes_as_the_models_own_gguf_does(files, tmp_path):
+    """SmolLM2 saved as a Hugging Face folder (no GGUF of its own): its exported file, with the tokenizer converted,
+    gets from llama.cpp the perplexity of the file carrying the GGUF's own tokenizer: same tokens, same windows."""
+    from lowbit.models.loader import load_model
+
+    out, made = files
+    model, tokenizer, _ = load_model("smollm2-135m")
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    lowbit("export", tmp_path / "hf", "-o", tmp_path / "hf.gguf", "--dense", "F32")
+    text = out / "persuasion.txt"
+    assert _llama_perplexity(tmp_path / "hf.gguf", text) == _llama_perplexity(made["F32"], text)
