@@ -68,7 +68,8 @@ def native_module(isa: Optional[str] = None) -> Optional[object]:
 
 def clear_stale_lock(lock: Path) -> None:
     """Remove a build lock older than ``STALE_LOCK_S``: torch waits on it forever once the build holding it was
-    killed (Ctrl-C during the first build), which would leave every later run hanging without a word."""
+    killed (Ctrl-C during the first build), which would leave every later run hanging without a word. A younger
+    lock is waited on, saying so."""
     import time
 
     try:
@@ -79,3 +80,6 @@ def clear_stale_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
         print(f"lowbit: removed a build lock {age / 60:.0f} minutes old ({lock}), left by an interrupted build",
               file=sys.stderr)
+    else:
+        print(f"lowbit: waiting for another process's build of the kernels ({lock}, {age:.0f} s old; a lock left"
+              f" by an interrupted build is removed once it is {STALE_LOCK_S // 60} minutes old)", file=sys.stderr)
