@@ -64,7 +64,7 @@ def texts(a) -> tuple[Path, Path]:
 
 
 def files(a, calib: Path) -> dict[str, Path]:
-    """Every row's GGUF, made where missing."""
+    """Every row's GGUF (those ``--rows`` names, and F32), made where missing."""
     tools = Path(a.llama_cpp)
     full = a.out / "f32.gguf"
     if not full.exists():
@@ -76,16 +76,20 @@ def files(a, calib: Path) -> dict[str, Path]:
     rows = {"F32": full}
     for kind in LLAMA_TYPES:
         for tag, extra in (("", []), (" + imatrix", ["--imatrix", imatrix])):
-            path = a.out / f"llama-{kind}{'-imatrix' if extra else ''}.gguf"
-            if not path.exists():
+            path, label = a.out / f"llama-{kind}{'-imatrix' if extra else ''}.gguf", f"llama.cpp {kind}{tag}"
+            if wanted(a, label) and not path.exists():
                 sh([tools / "llama-quantize", *extra, full, path, kind, a.threads])
-            rows[f"llama.cpp {kind}{tag}"] = path
+            rows[label] = path
     for method, kind in LOWBIT_ROWS:
-        path = a.out / f"lowbit-{method}-{kind}.gguf"
-        if not path.exists():
+        path, label = a.out / f"lowbit-{method}-{kind}.gguf", f"lowbit {method.upper()} → {kind}"
+        if wanted(a, label) and not path.exists():
             lowbit("quantize", a.model, "-o", path, "--method", method, "--gguf", kind, "--calib", "shakespeare")
-        rows[f"lowbit {method.upper()} → {kind}"] = path
-    return rows
+        rows[label] = path
+    return {label: path for label, path in rows.items() if wanted(a, label)}
+
+
+def wanted(a, label: str) -> bool:
+    return not a.rows or label == "F32" or label in a.rows.split(",")
 
 
 def bits_per_weight(path: Path) -> float:
@@ -120,21 +124,23 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=60, help="llama-perplexity windows of 512 tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rows", default="", help="comma-separated row labels to keep (default: all)")
+    p.add_argument("--rows", default="", help="comma-separated row labels to make and measure (default: all; F32 always)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     held_out, calib = texts(a)
     rows = files(a, calib)
-    if a.rows:
-        rows = {k: v for k, v in rows.items() if k in a.rows.split(",") or k == "F32"}
+    saved = a.out / "results.json"  # rows measured by earlier runs are kept, those measured now replaced
+    earlier = {r["row"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     results = []
     for label, path in rows.items():
         ppl, pm = llama_perplexity(a, path, held_out)
         mine = lowbit_perplexity(a, path)
         results.append({"row": label, "file": str(path), "llama_perplexity": ppl, "llama_perplexity_pm": pm,
                         "lowbit_perplexity": mine, "size_bytes": path.stat().st_size,
-                        "bits_per_weight": bits_per_weight(path), "decode_tok_s": decode_speed(a, path)})
-        (a.out / "results.json").write_text(json.dumps(results, indent=1))
+                        "bits_per_weight": bits_per_weight(path), "decode_tok_s": decode_speed(a, path),
+                        "cpu": describe().get("cpu")})
+        earlier[label] = results[-1]
+        saved.write_text(json.dumps(list(earlier.values()), indent=1))
     cpu = describe()
     print(f"{a.model}; llama-perplexity -c 512 --chunks {a.chunks} on held-out Persuasion; lowbit eval --protocol"
           f" llama.cpp on the same windows; llama-bench -n 64 -t {a.threads} -r {a.repeats}; CPU {cpu.get('cpu')}"
