@@ -131,6 +131,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     held_out, calib = texts(a)
     rows = files(a, calib)
+    if a.rows:  # measured in the order named
+        order = a.rows.split(",")
+        rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else -1))
     saved = a.out / "results.json"  # rows measured by earlier runs are kept, those measured now replaced
     earlier = {r["row"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     results = []
