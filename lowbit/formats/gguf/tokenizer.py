@@ -96,7 +96,7 @@ def hf_tokenizer_fields(tokenizer, vocab_size: int) -> list[Field]:
     embedding rows. Refuses, with the reason, a tokenizer llama.cpp would read differently."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise LowbitError("the tokenizer has no tokenizer.json (a slow tokenizer); llama.cpp's needs one to convert")
+        raise LowbitError("a slow tokenizer (no tokenizer.json) is not converted to GGUF by lowbit; a fast one is")
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model["type"] != "BPE":
