@@ -89,7 +89,7 @@ def files(a, calib: Path) -> dict[str, Path]:
 
 
 def wanted(a, label: str) -> bool:
-    return not a.rows or label == "F32" or label in a.rows.split(",")
+    return not a.rows or label == "F32" or label in a.rows
 
 
 def bits_per_weight(path: Path) -> float:
@@ -128,28 +128,28 @@ def main() -> None:
                    help="rows lowbit's evaluator measures too: all, or only F32 and lowbit's files")
     p.add_argument("--rows", default="", help="comma-separated row labels to make and measure (default: all; F32 always)")
     a = p.parse_args()
+    a.rows = a.rows.split(",") if a.rows else []
     a.out.mkdir(parents=True, exist_ok=True)
     held_out, calib = texts(a)
     rows = files(a, calib)
     if a.rows:  # measured in the order named
-        order = a.rows.split(",")
-        rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else -1))
+        rows = dict(sorted(rows.items(), key=lambda kv: a.rows.index(kv[0]) if kv[0] in a.rows else -1))
     saved = a.out / "results.json"  # rows measured by earlier runs are kept, those measured now replaced
     earlier = {r["row"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
+    cpu = describe()
     results = []
     for label, path in rows.items():
-        if label not in a.rows.split(",") and label in earlier:  # F32, made for the rows named, measured before
+        if a.rows and label not in a.rows and label in earlier:  # F32, made for the rows named, measured before
             continue
         ppl, pm = llama_perplexity(a, path, held_out)
         mine = lowbit_perplexity(a, path) if a.lowbit_eval == "all" or not label.startswith("llama.cpp") else None
         results.append({"row": label, "file": str(path), "llama_perplexity": ppl, "llama_perplexity_pm": pm,
                         "lowbit_perplexity": mine, "size_bytes": path.stat().st_size,
                         "bits_per_weight": bits_per_weight(path), "decode_tok_s": decode_speed(a, path),
-                        "cpu": describe().get("cpu")})
+                        "cpu": cpu.get("cpu")})
         earlier[label] = results[-1]
         saved.write_text(json.dumps(list(earlier.values()), indent=1))
     results = list(earlier.values())
-    cpu = describe()
     print(f"{a.model}; llama-perplexity -c 512 --chunks {a.chunks} on held-out Persuasion; lowbit eval --protocol"
           f" llama.cpp on the same windows; llama-bench -n 64 -t {a.threads} -r {a.repeats}; CPU {cpu.get('cpu')}"
           f" (kernels {cpu.get('kernel_isa')})")
