@@ -24,8 +24,8 @@ from lowbit.evaluation.kv_attention import use_kv_cache_format
 from lowbit.evaluation.tasks import TASKS, get_tasks
 from lowbit.formats.checkpoint import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
 from lowbit.formats.gguf.metadata import tokenizer_fields
-from lowbit.formats.gguf.tokenizer import hf_tokenizer_fields
 from lowbit.formats.gguf.presets import check_preset, search_scheme
+from lowbit.formats.gguf.tokenizer import hf_tokenizer_fields
 from lowbit.formats.gguf.writer import check_dense_type, check_representable, linear_types, write_gguf
 from lowbit.formats.compressed_tensors import read_record, save_quantized
 from lowbit.models.architectures import architecture_for, decoder_blocks, gguf_architecture

@@ -109,11 +109,10 @@ def hf_tokenizer_fields(tokenizer, vocab_size: int) -> list[Field]:
         kind, pre, space_prefix = "gpt2", _pre_name(spec.get("pre_tokenizer")), False
     tokens, types, scores = _tokens(model["vocab"], tokenizer.added_tokens_decoder, vocab_size, spm)
     S, A = GGUFValueType.STRING, GGUFValueType.ARRAY
-    fields = [Field("tokenizer.ggml.model", kind, S), Field("tokenizer.ggml.pre", pre, S),
-              Field("tokenizer.ggml.tokens", tokens, A, S),
-              Field("tokenizer.ggml.token_type", types, A, GGUFValueType.INT32)]
+    fields = [Field(Keys.Tokenizer.MODEL, kind, S), Field(Keys.Tokenizer.PRE, pre, S),
+              Field(Keys.Tokenizer.LIST, tokens, A, S), Field(Keys.Tokenizer.TOKEN_TYPE, types, A, GGUFValueType.INT32)]
     if scores is not None:
-        fields.append(Field("tokenizer.ggml.scores", scores, A, GGUFValueType.FLOAT32))
+        fields.append(Field(Keys.Tokenizer.SCORES, scores, A, GGUFValueType.FLOAT32))
     fields.append(Field(Keys.Tokenizer.ADD_PREFIX, space_prefix, GGUFValueType.BOOL))
     return fields + _special_fields(tokenizer, vocab_size, merges=not spm)
 
@@ -129,7 +128,7 @@ def _special_fields(tokenizer, vocab_size: int, merges: bool) -> list[Field]:
     if merges:
         if not special.merges:
             raise LowbitError("the tokenizer's BPE merges could not be read from its tokenizer.json")
-        fields.append(Field("tokenizer.ggml.merges", list(special.merges), A, GGUFValueType.STRING))
+        fields.append(Field(Keys.Tokenizer.MERGES, list(special.merges), A, GGUFValueType.STRING))
     fields += [Field(_ID_KEYS[kind], int(i), U) for kind, i in special.special_token_ids.items() if kind in _ID_KEYS]
     ids = tokenizer("a").input_ids
     fields += [Field(Keys.Tokenizer.ADD_BOS, tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id,
@@ -137,5 +136,5 @@ def _special_fields(tokenizer, vocab_size: int, merges: bool) -> list[Field]:
                Field(Keys.Tokenizer.ADD_EOS, tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id,
                      GGUFValueType.BOOL)]
     if isinstance(special.chat_template, str):
-        fields.append(Field("tokenizer.chat_template", special.chat_template, GGUFValueType.STRING))
+        fields.append(Field(Keys.Tokenizer.CHAT_TEMPLATE, special.chat_template, GGUFValueType.STRING))
     return fields
