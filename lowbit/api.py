@@ -283,7 +283,7 @@ def _run(model: str, recipe: Recipe, calib: Optional[str], nsamples: int, seqlen
         peak_rss_bytes=peak_rss_bytes(),
         layers=len(report.layers),
         fallbacks=fallbacks,
-        notes=consumer_notes(recipe.scheme) + alpha_notes(report.smoothing),
+        notes=([] if output.gguf else consumer_notes(recipe.scheme)) + alpha_notes(report.smoothing),
         distribution=report.distribution(),
     )
     return (result, hf_model, tokenizer) if return_model else result
@@ -341,7 +341,8 @@ def alpha_notes(smoothing: dict) -> list[str]:
 
 
 def consumer_notes(scheme: QuantizationScheme) -> list[str]:
-    """What known consumers of the checkpoint cannot read, and why."""
+    """What known consumers of a compressed-tensors checkpoint cannot read, and why (a GGUF file has llama.cpp's
+    types, whatever grid AWQ's search used)."""
     w = scheme.weights
     if w.is_codebook:
         return [f"{w.describe().split()[0]} is a lowbit extension of compressed-tensors (format 'lowbit-codebook'):"

@@ -159,6 +159,15 @@ def test_asymmetric_low_bit_checkpoints_say_which_consumer_cannot_read_them(tiny
     assert any("cannot load asymmetric" in note for note in json.loads(done.stdout)["notes"])
 
 
+def test_a_gguf_file_carries_no_checkpoint_consumer_notes(tiny_model_dir, tmp_path):
+    """Q4_1 is searched on lowbit's asymmetric int4 grid, but the file holds llama.cpp's type, which transformers'
+    compressed-tensors loader never reads: the asymmetric-checkpoint note would describe another file."""
+    done = run("quantize", tiny_model_dir, "-o", tmp_path / "q.gguf", "--method", "rtn", "--gguf", "Q4_1", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["scheme"] == "GGUF Q4_1" and summary["notes"] == []
+
+
 def test_compress_prints_the_bit_width_distribution(tiny_model_dir, tmp_path):
     out = tmp_path / "mixed"
     done = run("compress", tiny_model_dir, "-o", out, "--mode", "int4_asym", "--group-size", "32", "--ratio", "0.6",
