@@ -3,7 +3,8 @@
 Rows (each a GGUF file made once under ``--out`` and reused):
     llama.cpp Q4_0, Q4_K_M, Q3_K_M, Q2_K from the full-precision GGUF (``llama-quantize``), each without and with an
     importance matrix from ``llama-imatrix`` on lowbit's Shakespeare calibration windows (128 × 512 tokens);
-    lowbit GPTQ → Q4_0, Q4_K_M, Q3_K_M, Q2_K and AWQ+GPTQ → Q4_K_M (``lowbit quantize --gguf``, same calibration).
+    lowbit GPTQ → Q4_0, Q4_K_M, Q3_K_M, Q2_K, AWQ+GPTQ → Q4_K_M and GPTAQ → Q4_0 (``lowbit quantize --gguf``, same
+    calibration).
 Columns: ``llama-perplexity -c 512`` on held-out Persuasion (``--chunks`` windows) with its ±; lowbit's own evaluator
 on the same file and windows (``lowbit eval --protocol llama.cpp``) and its difference; file size; bits per weight
 of the decoder's matrices; ``llama-bench`` decode tokens/s (``-n 64``, median of ``-r``).
@@ -32,7 +33,8 @@ from lowbit.data.corpora import calibration_text, evaluation_text
 from lowbit.runtime.cpu import describe
 
 LLAMA_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
-LOWBIT_ROWS = (("gptq", "Q4_0"), ("gptq", "Q4_K_M"), ("gptq", "Q3_K_M"), ("gptq", "Q2_K"), ("awq+gptq", "Q4_K_M"))
+LOWBIT_ROWS = (("gptq", "Q4_0"), ("gptq", "Q4_K_M"), ("gptq", "Q3_K_M"), ("gptq", "Q2_K"), ("awq+gptq", "Q4_K_M"),
+               ("gptaq", "Q4_0"))
 
 
 def sh(cmd: list, **kw) -> subprocess.CompletedProcess:

@@ -18,6 +18,8 @@ class Method:
     """A weight quantization algorithm: ``quantize(W, H, args) -> (QuantizedWeight, loss)``, optionally
     preceded per block by a full-precision ``transform(block, calls, args, smoothings, norm_offset)``.
 
+    ``asymmetric``: the Hessians come with the full-precision model's inputs beside the quantized model's, and each
+    weight is first moved to :func:`~lowbit.algorithms.gptq.asymmetric_target` (GPTAQ).
     ``unsuitable(args)`` says why a scheme does not suit the method (None: it does); ``own_grid``: the
     method keeps its own grid whatever the bit width asked for, so layers kept at 8 bits use RTN; ``ggml``: it
     also rounds onto llama.cpp's grids (:class:`lowbit.schemes.ggml.GGMLType`), for GGUF files.
@@ -29,6 +31,7 @@ class Method:
     needs_calibration: bool = False
     uses_actorder: bool = False
     uses_hessian: bool = False
+    asymmetric: bool = False
     transform: Optional[Callable] = None
     unsuitable: Callable[[QuantizationArgs], Optional[str]] = lambda args: None
     own_grid: bool = False
@@ -51,6 +54,9 @@ METHODS = {
                unsuitable=_ternary_unsuitable, own_grid=True),
         Method(name="gptq", quantize=gptq_quantize, summary="Hessian-aware rounding from calibration text",
                needs_calibration=True, uses_actorder=True, uses_hessian=True, ggml=True),
+        Method(name="gptaq", quantize=gptq_quantize,
+               summary="GPTQ rounding for the full-precision model's outputs (asymmetric calibration)",
+               needs_calibration=True, uses_actorder=True, uses_hessian=True, asymmetric=True, ggml=True),
         Method(name="awq", quantize=awq_round, summary="activation-aware scales and clipping, then RTN",
                needs_calibration=True, transform=awq_transform_block, ggml=True),
         Method(name="awq+gptq", quantize=gptq_quantize, summary="AWQ's scales, then GPTQ's rounding",

@@ -128,6 +128,55 @@ def collect_hessians(block: nn.Module, linears: Mapping[str, nn.Linear], calls: 
     return {name: acc.H for name, acc in accumulators.items()}
 
 
+class CrossAccumulator:
+    """Running G = 2/n Σ x x̃ᵀ of paired inputs: x [.., in] the full-precision model's, x̃ the quantized one's."""
+
+    def __init__(self, in_features: int):
+        self.G = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, x_tilde: torch.Tensor) -> None:
+        x, x_tilde = (t.reshape(-1, t.shape[-1]).float() for t in (x, x_tilde))
+        m = x.shape[0]
+        self.G *= self.n / (self.n + m)
+        self.n += m
+        self.G.addmm_(x.t(), x_tilde, alpha=2 / self.n)
+
+
+@torch.no_grad()
+def collect_asymmetric(block: nn.Module, linears: Mapping[str, nn.Linear], calls: list[Call], fp_calls: list[Call]):
+    """For each Linear: H̃ = 2/n Σ x̃ x̃ᵀ over the inputs it gets on ``calls`` (the quantized model's hidden states)
+    and G = 2/n Σ x x̃ᵀ pairing them with those on ``fp_calls`` (the full-precision model's, same tokens); and the
+    block's outputs on ``fp_calls``, the full-precision stream's next hidden states. Linears fed one tensor share
+    their H̃ and G. Returns (H̃, G, outputs)."""
+    pairs: dict[str, tuple[HessianAccumulator, CrossAccumulator]] = {}
+    fp_outputs = []
+    for (x_fp, kw_fp), (x, kw) in zip(fp_calls, calls):
+        reference: dict[str, torch.Tensor] = {}
+        seen: dict[int, tuple[torch.Tensor, tuple]] = {}  # holds x̃ so its id stays unique
+
+        def keep(name: str, args: tuple, kwargs: dict) -> None:
+            reference.setdefault(name, first_input(args, kwargs))
+
+        def observe(name: str, args: tuple, kwargs: dict) -> None:
+            x_tilde = first_input(args, kwargs)
+            if name not in pairs:
+                width = x_tilde.shape[-1]
+                pairs[name] = seen[id(x_tilde)][1] if id(x_tilde) in seen else (
+                    HessianAccumulator(width), CrossAccumulator(width))
+            if id(x_tilde) not in seen:
+                seen[id(x_tilde)] = (x_tilde, pairs[name])
+                pairs[name][0].add(x_tilde)
+                pairs[name][1].add(reference[name], x_tilde)
+
+        with observe_inputs(linears, keep):
+            y = block(x_fp, **kw_fp)
+        fp_outputs.append(y[0] if isinstance(y, tuple) else y)
+        with observe_inputs(linears, observe):
+            block(x, **kw)
+    return {n: h.H for n, (h, _) in pairs.items()}, {n: c.G for n, (_, c) in pairs.items()}, fp_outputs
+
+
 @torch.no_grad()
 def capture_inputs(block: nn.Module, calls: list[Call], modules: Mapping[str, nn.Module], rows: int = 0) -> dict:
     """Inputs of each named module for every call of ``block``: (args, kwargs) pairs, or with

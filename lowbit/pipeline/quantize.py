@@ -3,7 +3,9 @@
     1. targets: the decoder blocks' Linears (minus ``ignore``), and the embedding table and head if asked;
     2. with ``ratio`` < 1, rank them by sensitivity and keep the most sensitive at the backup precision;
     3. block by block (sequential calibration): the method's transform (AWQ), the inputs' Hessians
-       (GPTQ), then each Linear rounded and swapped for a :class:`QuantLinear`;
+       (GPTQ; GPTAQ also pairs them with the full-precision model's own inputs, carried block by block beside the
+       quantized stream, and moves each weight to its asymmetric target first), then each Linear rounded and
+       swapped for a :class:`QuantLinear`;
     4. the embedding table and heads;
     5. with a ``kv_cache_scheme``: each quantized block's keys and values on the calibration text give its
        attention's static cache scales ``k_scale`` / ``v_scale`` (buffers, saved as compressed-tensors names them).
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.algorithms import get_method
+from lowbit.algorithms.gptq import asymmetric_target
 from lowbit.algorithms.mixed_precision import LayerSensitivity, choose_primary, sensitivity
 from lowbit.algorithms.smoothquant import smoothquant_transform_block
 from lowbit.calibration.sampling import self_generated_windows
@@ -31,6 +34,7 @@ from lowbit.calibration.statistics import (
     HessianAccumulator,
     activation_second_moments,
     capture_block_inputs,
+    collect_asymmetric,
     collect_hessians,
     empirical_fisher,
     input_ranges,
@@ -207,6 +211,7 @@ def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder,
     inputs = block_kwargs = None
     if recipe.needs_data:
         inputs, block_kwargs = capture_block_inputs(model, blocks, list(calibration.split(batch_size)))
+    fp_inputs = inputs  # the full-precision model's stream, for an asymmetric method
     for i, block in enumerate(blocks):
         linears = targets.blocks[i]
         calls = None if inputs is None else list(zip(inputs, block_kwargs[i]))
@@ -215,7 +220,14 @@ def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder,
             report.smoothing.update({f"{blocks_path}.{i}.{op}": alpha for op, alpha in chosen.items()})
         if method.transform is not None:
             method.transform(block, calls, recipe.scheme.weights, arch.smoothing, arch.norm_offset)
-        hessians = collect_hessians(block, linears, calls) if calls is not None and method.uses_hessian else {}
+        hessians = {}
+        if calls is not None and method.asymmetric:
+            fp_calls = list(zip(fp_inputs, block_kwargs[i]))
+            hessians, crosses, fp_inputs = collect_asymmetric(block, linears, calls, fp_calls)
+            for name, linear in linears.items():
+                linear.weight.data = asymmetric_target(linear.weight.data, crosses[name], hessians[name])
+        elif calls is not None and method.uses_hessian:
+            hessians = collect_hessians(block, linears, calls)
         ranges = input_ranges(block, linears, calls, acts) if acts and not acts.dynamic else {}
         report.input_clipping.update({name: r for name, (_, r) in ranges.items()})
         for name, linear in linears.items():

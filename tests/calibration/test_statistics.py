@@ -9,6 +9,7 @@ from lowbit.calibration.statistics import (
     activation_second_moments,
     capture_block_inputs,
     capture_inputs,
+    collect_asymmetric,
     collect_hessians,
     empirical_fisher,
     input_ranges,
@@ -39,6 +40,26 @@ def test_hessians_are_2_over_n_xxt_of_each_linear_s_input_shared_where_the_input
         torch.testing.assert_close(H[name], 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
     assert H["b.self_attn.q_proj"] is H["b.self_attn.v_proj"]  # q, k, v read one tensor: one H
     assert H["b.mlp.gate_proj"] is H["b.mlp.up_proj"] and H["b.mlp.up_proj"] is not H["b.mlp.down_proj"]
+
+
+def test_asymmetric_statistics_pair_each_linear_s_inputs_from_both_streams(tiny_tokenizer):
+    """H̃ = 2/n Σ x̃ x̃ᵀ on the quantized stream, G = 2/n Σ x x̃ᵀ pairing the same tokens' full-precision inputs,
+    and the block's full-precision outputs, which the next block's statistics start from."""
+    model = make_model(len(tiny_tokenizer))
+    block, fp_calls, _ = _block_calls(tiny_tokenizer, model)
+    calls = [(x + 0.1 * torch.randn_like(x), kw) for x, kw in fp_calls]
+    names = {"q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "down": block.mlp.down_proj}
+    H, G, outputs = collect_asymmetric(block, names, calls, fp_calls)
+    assert H["q"] is H["k"] and G["q"] is G["k"] and H["q"] is not H["down"]  # q and k read one tensor
+    seen, fp_seen = capture_inputs(block, calls, names), capture_inputs(block, fp_calls, names)
+    for name in names:
+        X_tilde = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a, _ in seen[name]])
+        X = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a, _ in fp_seen[name]])
+        torch.testing.assert_close(H[name], 2 * X_tilde.T @ X_tilde / X.shape[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(G[name], 2 * X.T @ X_tilde / X.shape[0], rtol=1e-4, atol=1e-5)
+        assert (G[name] - H[name]).norm() > 0.01 * H[name].norm()  # the streams do differ
+    for mine, expected in zip(outputs, run_block(block, fp_calls)):
+        torch.testing.assert_close(mine, expected)
 
 
 def test_second_moments_are_half_the_hessian_diagonal(tiny_tokenizer):

@@ -47,6 +47,25 @@ def test_gptq_model_tracks_the_original_better_than_rtn(tiny_tokenizer):
     assert errors["gptq"] < errors["rtn"]
 
 
+def test_gptaq_rounds_later_blocks_for_the_full_precision_model_s_outputs(tiny_tokenizer):
+    """The first block sees the same inputs in both streams, so GPTAQ rounds it exactly as GPTQ; the second block's
+    rounding aims at the full-precision outputs, and the model's logits land nearer the original's."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, len(tiny_tokenizer), (16, 32))
+    reference = make_model(len(tiny_tokenizer))
+    with torch.no_grad():
+        target = reference(input_ids=ids).logits
+    errors, models = {}, {}
+    for method in ("gptq", "gptaq"):
+        models[method] = model = make_model(len(tiny_tokenizer))
+        quantize_model(model, Recipe(make_scheme(3, 32), get_method(method)), ids, batch_size=8)
+        with torch.no_grad():
+            errors[method] = float((model(input_ids=ids).logits - target).pow(2).mean())
+    first, second = ([layer.mlp.down_proj.weight_q for layer in models[m].model.layers] for m in ("gptq", "gptaq"))
+    assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+    assert errors["gptaq"] < errors["gptq"]
+
+
 def test_ignore_keeps_matching_layers_in_full_precision(tiny_tokenizer):
     model = make_model(len(tiny_tokenizer))
     quantize_model(model, Recipe(make_scheme(4, 32), get_method("rtn"), ignore=("re:.*down_proj",)))
