@@ -224,8 +224,8 @@ def _quantize_blocks(model, recipe: Recipe, targets: Targets, rounder: _Rounder,
         if calls is not None and method.asymmetric:
             fp_calls = list(zip(fp_inputs, block_kwargs[i]))
             hessians, crosses, fp_inputs = collect_asymmetric(block, linears, calls, fp_calls)
-            for name, G in crosses.items():  # a Linear the calibration never reached keeps its weight
-                linears[name].weight.data = asymmetric_target(linears[name].weight.data, G, hessians[name])
+            for name, linear in linears.items():
+                linear.weight.data = asymmetric_target(linear.weight.data, crosses[name], hessians[name])
         elif calls is not None and method.uses_hessian:
             hessians = collect_hessians(block, linears, calls)
         ranges = input_ranges(block, linears, calls, acts) if acts and not acts.dynamic else {}
