@@ -52,7 +52,8 @@ def asymmetric_target(
     min_Ŵ ‖Ŵ X̃ − W X‖² = ‖(Ŵ − W') X̃‖² + const (the residual W' X̃ − W X is orthogonal to X̃'s rows), so GPTQ on
     (W', H) rounds for the full-precision targets instead of reproducing W's outputs on already-perturbed inputs.
     The full correction over-fits what the calibration text's errors were (SmolLM2 → Q4_0: 70.8 perplexity against
-    31.9 without it); a quarter of it, GPTAQ's own default, gave 31.3. W' = W where the two streams agree (G = H).
+    31.9 without it); a quarter of it gave 31.3 (0.25 is also the weight GPTAQ's code gives its asymmetric term, which
+    it applies inside GPTQ's column loop rather than to the target). W' = W where the two streams agree (G = H).
     """
     damp = percdamp * torch.mean(torch.diag(H)).clamp(min=1e-8)
     L = torch.linalg.cholesky(H + damp * torch.eye(H.shape[0], dtype=H.dtype))
